@@ -1,0 +1,496 @@
+"""InternVLChatModel: InternViT -> pixel shuffle -> `mlp1` projector -> LLM, in the official checkpoint layout.
+
+In-memory parameter names equal the names in official checkpoints (`vision_model.*`, `mlp1.{0,1,3}.*`,
+`language_model.*` in the LLM's own naming), so `from_pretrained` / `save_pretrained` / Trainer resume / peft all
+see the official layout with no renaming step that could silently drop a tensor.
+
+Differences from the official model, on purpose:
+- If the number of `<IMG_CONTEXT>` positions differs from the number of image features, forward raises a
+  `ValueError` naming both counts. The official model prints a warning and multiplies the loss by zero, which
+  trains on nothing without telling anyone.
+- The ViT stops at `select_layer` instead of computing layers whose output is discarded.
+- `generate()` returns only the new tokens (the official output carries one leading placeholder token).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..constants import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+)
+from .configuration import InternVLChatConfig, llm_classes, llm_family
+from .vision import InternVisionModel
+
+_NO_SPLIT = ["InternVisionEncoderLayer", "LlamaDecoderLayer", "InternLM2DecoderLayer", "Phi3DecoderLayer",
+             "Qwen2DecoderLayer"]
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float = 0.5, version: str = "v2") -> torch.Tensor:
+    """Trade spatial resolution for channels: [n, w, h, c] -> [n, w*scale, h*scale, c/scale^2].
+
+    With scale 0.5 and `v2`, output token (r, c) concatenates the patches (2r,2c), (2r,2c+1), (2r+1,2c),
+    (2r+1,2c+1). `v1` (InternVL 1.x) emits the same groups in transposed (column-major) token order.
+    """
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * scale), int(c / scale))
+    x = x.permute(0, 2, 1, 3).reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    if version == "v2":
+        x = x.permute(0, 2, 1, 3)
+    return x.contiguous()
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_weight: torch.Tensor | None = None,
+    all_reduce_denominator: bool = False,
+) -> torch.Tensor:
+    """Next-token cross entropy in float32.
+
+    Without `loss_weight`: mean over supervised tokens. With it: `sum(ce * w) / sum(w)` over supervised tokens,
+    `w` given per input position (the weight of position t applies to predicting token t from t-1), which is how
+    the token / sample / square reductions are expressed. `all_reduce_denominator` averages `sum(w)` over ranks so
+    every rank's gradient has the same scale. A batch with no supervised token gives a zero loss that still keeps
+    the graph connected.
+    """
+    shift_logits = logits[..., :-1, :].float()
+    shift_labels = labels[..., 1:].to(shift_logits.device)
+    ce = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    supervised = (shift_labels.reshape(-1) != IGNORE_INDEX).float()
+    if loss_weight is None:
+        weight = supervised
+    else:
+        weight = loss_weight[..., 1:].to(ce.device, torch.float32).reshape(-1) * supervised
+    denom = weight.sum()
+    if all_reduce_denominator and dist.is_available() and dist.is_initialized():
+        denom = denom.detach().clone()
+        dist.all_reduce(denom, op=dist.ReduceOp.SUM)
+        denom = denom / dist.get_world_size()
+    # no supervised token: numerator and loss are 0 (no host sync, graph stays connected)
+    return (ce * weight).sum() / denom.clamp(min=1e-8)
+
+
+def _flash_attn_usable(dtype: torch.dtype | None) -> bool:
+    return (
+        importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.is_available()
+        and dtype in (torch.float16, torch.bfloat16)
+    )
+
+
+def _set_checkpointing(module: PreTrainedModel, enable: bool) -> None:
+    if enable:
+        module.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        module.activation_checkpointing_disable()
+
+
+class InternVLChatModel(PreTrainedModel):
+    config_class = InternVLChatConfig
+    config: InternVLChatConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "internvl"  # not a submodule name: checkpoints are always loaded whole
+    supports_gradient_checkpointing = True
+    _no_split_modules = _NO_SPLIT
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: InternVLChatConfig, vision_model=None, language_model=None) -> None:
+        super().__init__(config)
+        attn = config._attn_implementation or "sdpa"
+        config.vision_config._attn_implementation = attn
+        config.llm_config._attn_implementation = attn
+        llm_family(config.llm_config)  # clear error for unsupported architectures
+
+        self.template = config.template
+        self.select_layer = config.select_layer
+        self.downsample_ratio = config.downsample_ratio
+        self.ps_version = config.ps_version
+        self.num_image_token = config.num_image_token
+        self.img_context_token_id: int | None = None
+        self.system_message = getattr(config, "system_message", None)
+
+        self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)
+        if language_model is None:
+            _, llm_cls = llm_classes(llm_family(config.llm_config))
+            language_model = llm_cls(config.llm_config)
+        self.language_model = language_model
+
+        vit_hidden = config.vision_config.hidden_size
+        llm_hidden = config.llm_config.hidden_size
+        shuffled = vit_hidden * int(1 / self.downsample_ratio) ** 2
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(shuffled),
+            nn.Linear(shuffled, llm_hidden),
+            nn.GELU(),
+            nn.Linear(llm_hidden, llm_hidden),
+        )
+        self.post_init()
+
+    # --- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load an official-layout checkpoint directory (single-file or sharded safetensors).
+
+        Accepts the official keyword `use_flash_attn` (default True: flash-attention 2 when it is installed, a GPU
+        is present and the dtype is 16-bit; SDPA otherwise) and `torch_dtype` as an alias of `dtype`.
+        `trust_remote_code` is accepted and ignored: nothing from the checkpoint is executed.
+        """
+        use_flash = kwargs.pop("use_flash_attn", True)
+        kwargs.pop("trust_remote_code", None)
+        if "torch_dtype" in kwargs:
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        if kwargs.get("attn_implementation") is None:
+            dtype = kwargs.get("dtype")
+            kwargs["attn_implementation"] = "flash_attention_2" if use_flash and _flash_attn_usable(dtype) else "sdpa"
+        kwargs.setdefault("use_safetensors", True)
+        kwargs.setdefault("local_files_only", True)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.llm_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+    # --- embeddings passthrough (resize_token_embeddings, peft, generation utilities) ------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_vision_gradient_checkpointing(self, enable: bool) -> None:
+        """Activation checkpointing of the ViT layers, independent of the LLM's."""
+        _set_checkpointing(self.vision_model, enable)
+
+    def set_llm_gradient_checkpointing(self, enable: bool) -> None:
+        """Activation checkpointing of the LLM layers, independent of the ViT's."""
+        _set_checkpointing(self.language_model, enable)
+
+    # --- vision -------------------------------------------------------------------------------------------------
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [n, 3, S, S] -> image tokens [n, num_image_token, llm_hidden]."""
+        select = None if self.select_layer == -1 else self.select_layer
+        hidden = self.vision_model(pixel_values=pixel_values, select_layer=select).last_hidden_state
+        hidden = hidden[:, 1:, :]  # drop CLS
+        side = int(hidden.shape[1] ** 0.5)
+        if side * side != hidden.shape[1]:
+            raise ValueError(f"ViT produced {hidden.shape[1]} patch tokens, which is not a square grid")
+        hidden = hidden.reshape(hidden.shape[0], side, side, -1)
+        hidden = pixel_shuffle(hidden, self.downsample_ratio, self.ps_version)
+        hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
+        return self.mlp1(hidden)
+
+    def _merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, vit_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        if self.img_context_token_id is None:
+            raise ValueError(
+                "img_context_token_id is not set: assign model.img_context_token_id = "
+                "tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>') before a forward with images"
+            )
+        selected = input_ids == self.img_context_token_id
+        n_positions = int(selected.sum())
+        features = vit_embeds.reshape(-1, vit_embeds.shape[-1])
+        if n_positions != features.shape[0]:
+            raise ValueError(
+                f"image tokens and image features disagree: the batch has {n_positions} <IMG_CONTEXT> positions "
+                f"but the images give {features.shape[0]} features ({vit_embeds.shape[0]} tiles x "
+                f"{self.num_image_token} tokens). Usually an image block was truncated by max_seq_length or "
+                f"image_flags / num_patches do not match the prompt."
+            )
+        mask = selected.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
+
+    def _embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_flags: torch.Tensor | None
+    ) -> torch.Tensor:
+        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return inputs_embeds
+        vit_embeds = self.extract_feature(pixel_values)
+        if image_flags is not None:
+            keep = image_flags.reshape(-1) == 1
+            if not bool(keep.all()):
+                # flag-0 tiles (text-only samples, padding) were computed so every rank runs the ViT; drop them
+                # but keep them in the graph so data-parallel gradient hooks fire on every rank
+                inputs_embeds = inputs_embeds + 0.0 * vit_embeds[~keep].sum().to(inputs_embeds.dtype)
+                vit_embeds = vit_embeds[keep]
+        return self._merge_image_features(input_ids, inputs_embeds, vit_embeds)
+
+    # --- training forward ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        image_flags: torch.LongTensor | None = None,
+        past_key_values=None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        loss_weight: torch.Tensor | None = None,
+        loss_reduction_all_gather: bool = False,
+        statistics: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Official training batch in, `CausalLMOutputWithPast` out.
+
+        `pixel_values` holds the tiles of the whole batch concatenated; `image_flags` (one per tile, 0 = dummy)
+        says which tiles' features are used; `loss_weight` (same shape as `labels`, optional) weights each token
+        for the sample / square loss reductions.
+        """
+        if isinstance(loss_weight, list):
+            loss_weight = torch.tensor(loss_weight, dtype=torch.float32)
+        inputs_embeds = self._embed(input_ids, pixel_values, image_flags)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = outputs.logits
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, loss_weight, loss_reduction_all_gather)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        output_hidden_states: bool | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.LongTensor:
+        """Generate from a prompt whose image blocks are filled with the images' features.
+
+        Returns only the newly generated token ids.
+        """
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (the tokenized prompt)")
+        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
+        if visual_features is not None or pixel_values is not None:
+            vit_embeds = visual_features if visual_features is not None else self.extract_feature(pixel_values)
+            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, vit_embeds)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            output_hidden_states=output_hidden_states,
+            use_cache=True,
+            **generate_kwargs,
+        )
+
+    # --- chat API (same signature and semantics as the official one) ------------------------------------------
+    def _template(self):
+        from ..data.templates import get_template
+
+        if self.template is None:
+            raise ValueError("config.template is not set; cannot build a chat prompt")
+        return get_template(self.template)
+
+    def _image_block(self, num_patches: int, start: str, end: str, context: str) -> str:
+        return start + context * (self.num_image_token * num_patches) + end
+
+    def build_prompt(
+        self,
+        question: str,
+        history: list[tuple[str, str]] | None = None,
+        num_patches_list: list[int] | None = None,
+        IMG_START_TOKEN: str = IMG_START_TOKEN,
+        IMG_END_TOKEN: str = IMG_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
+    ) -> str:
+        """The exact prompt `chat()` feeds the model: template, history, question, image blocks expanded."""
+        template = self._template()
+        user, assistant = template.roles
+        messages: list[tuple[str, str | None]] = []
+        for old_question, old_answer in history or []:
+            messages += [(user, old_question), (assistant, old_answer)]
+        messages += [(user, question), (assistant, None)]
+        prompt = template.render(messages, system_message=self.system_message)
+        num_patches_list = num_patches_list or []
+        if prompt.count(IMAGE_PLACEHOLDER) < len(num_patches_list):
+            raise ValueError(
+                f"{len(num_patches_list)} images given (num_patches_list={num_patches_list}) but the prompt has only "
+                f"{prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders"
+            )
+        for num_patches in num_patches_list:
+            block = self._image_block(num_patches, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+            prompt = prompt.replace(IMAGE_PLACEHOLDER, block, 1)
+        return prompt
+
+    def _stop_token_id(self, tokenizer) -> int:
+        stop = self._template().stop_str
+        token_id = tokenizer.convert_tokens_to_ids(stop)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no token for the template's stop string {stop!r}")
+        return token_id
+
+    def _generation_kwargs(self, tokenizer, generation_config: dict | GenerationConfig | None) -> dict[str, Any]:
+        if isinstance(generation_config, GenerationConfig):
+            kwargs = {"generation_config": generation_config}
+        else:
+            kwargs = dict(generation_config or {})
+        kwargs["eos_token_id"] = self._stop_token_id(tokenizer)
+        if tokenizer.pad_token_id is not None:
+            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        return kwargs
+
+    def _decode(self, tokenizer, ids: torch.Tensor) -> list[str]:
+        stop = self._template().stop_str
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [text.split(stop)[0].strip() for text in texts]
+
+    def chat(
+        self,
+        tokenizer,
+        pixel_values: torch.Tensor | None,
+        question: str,
+        generation_config: dict | GenerationConfig | None = None,
+        history: list[tuple[str, str]] | None = None,
+        return_history: bool = False,
+        num_patches_list: list[int] | None = None,
+        IMG_START_TOKEN: str = IMG_START_TOKEN,
+        IMG_END_TOKEN: str = IMG_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
+        verbose: bool = False,
+    ):
+        """One chat turn, official semantics: `<image>\\n` is prepended to a first question that lacks it,
+        `num_patches_list` splits `pixel_values` into images, history is a list of (question, answer)."""
+        if history is None and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + "\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        if pixel_values is not None and len(pixel_values) != sum(num_patches_list):
+            raise ValueError(
+                f"pixel_values has {len(pixel_values)} tiles but num_patches_list sums to {sum(num_patches_list)}"
+            )
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        prompt = self.build_prompt(
+            question, history, num_patches_list, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN
+        )
+        inputs = tokenizer(prompt, return_tensors="pt")
+        device = self.language_model.get_input_embeddings().weight.device
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=device, dtype=self.vision_model.dtype)
+        output = self.generate(
+            pixel_values=pixel_values,
+            input_ids=inputs["input_ids"].to(device),
+            attention_mask=inputs["attention_mask"].to(device),
+            **self._generation_kwargs(tokenizer, generation_config),
+        )
+        response = self._decode(tokenizer, output)[0]
+        history = list(history or []) + [(question, response)]
+        if verbose:
+            shown = prompt.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "")
+            print(shown + response)
+        return (response, history) if return_history else response
+
+    def batch_chat(
+        self,
+        tokenizer,
+        pixel_values: torch.Tensor | None,
+        questions: list[str],
+        generation_config: dict | GenerationConfig | None = None,
+        num_patches_list: list[int] | None = None,
+        history=None,
+        return_history: bool = False,
+        IMG_START_TOKEN: str = IMG_START_TOKEN,
+        IMG_END_TOKEN: str = IMG_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
+        verbose: bool = False,
+        image_counts: list[int] | None = None,
+    ) -> list[str]:
+        """Several single-turn questions at once, one image each (`num_patches_list[i]` tiles), left-padded."""
+        if history is not None or return_history:
+            raise ValueError("batch_chat does not take a history; use chat() for multi-turn conversations")
+        if image_counts is not None:
+            warnings.warn("image_counts is deprecated; use num_patches_list", FutureWarning, stacklevel=2)
+            num_patches_list = image_counts
+        if pixel_values is not None:
+            if num_patches_list is None or len(num_patches_list) != len(questions):
+                raise ValueError("batch_chat needs one num_patches_list entry per question when pixel_values is given")
+            if len(pixel_values) != sum(num_patches_list):
+                raise ValueError(
+                    f"pixel_values has {len(pixel_values)} tiles but num_patches_list sums to {sum(num_patches_list)}"
+                )
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        prompts = []
+        for i, question in enumerate(questions):
+            patches = []
+            if pixel_values is not None:
+                patches = [num_patches_list[i]]
+                if IMAGE_PLACEHOLDER not in question:
+                    question = IMAGE_PLACEHOLDER + "\n" + question
+            prompts.append(
+                self.build_prompt(question, None, patches, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+            )
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = padding_side
+        device = self.language_model.get_input_embeddings().weight.device
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=device, dtype=self.vision_model.dtype)
+        output = self.generate(
+            pixel_values=pixel_values,
+            input_ids=inputs["input_ids"].to(device),
+            attention_mask=inputs["attention_mask"].to(device),
+            **self._generation_kwargs(tokenizer, generation_config),
+        )
+        responses = self._decode(tokenizer, output)
+        if verbose:
+            for question, response in zip(questions, responses):
+                print(f"User: {question}\nAssistant: {response}")
+        return responses
