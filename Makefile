@@ -21,7 +21,8 @@ venv: $(VENV)/.installed
 # Main job: build a tiny random InternVL in the official layout and chat with it.
 demo: venv
 	$(PY) tools/make_tiny_model.py $(DEMO_DIR) --llm qwen2 --template internvl2_5 --overwrite
-	$(PY) -m internvl_chat.cli.chat $(DEMO_DIR) --image tests/assets/demo.png --question "Describe this image." --max-new-tokens 16
+	$(PY) tools/make_demo_image.py $(DEMO_DIR)/demo.png
+	$(PY) -m internvl_chat.cli.chat $(DEMO_DIR) --image $(DEMO_DIR)/demo.png --question "Describe this image." --max-new-tokens 16
 
 test: venv
 	$(PY) -m pytest -q

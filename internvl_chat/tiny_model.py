@@ -1,0 +1,142 @@
+"""Tiny random-weight InternVL checkpoints in the official layout, for tests, the demo and benchmarks.
+
+The geometry is the real one (448-px tiles, patch 14, pixel shuffle 0.5 -> 256 image tokens per tile), only the
+widths and depths are tiny, so every code path that depends on token counts runs as it would on a real model.
+Output is deterministic for a seed: the same command writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import InternVisionConfig, InternVLChatConfig, InternVLChatModel
+from .model.configuration import llm_classes
+
+# LLM family -> (architecture, tiny-tokenizer flavour, default template)
+LLM_PRESETS: dict[str, tuple[str, str, str]] = {
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", "Hermes-2"),
+    "llama": ("LlamaForCausalLM", "llama", "Hermes-2"),
+    "phi3": ("Phi3ForCausalLM", "phi3", "phi3-chat"),
+    "internlm2": ("InternLM2ForCausalLM", "internlm2", "internlm2-chat"),
+}
+
+VIT_STYLES: dict[str, dict[str, Any]] = {
+    # InternViT-300M: LayerNorm, qkv bias, no qk-norm
+    "300m": dict(norm_type="layer_norm", qkv_bias=True, qk_normalization=False, initializer_factor=1.0),
+    # InternViT-6B: RMSNorm, qk-norm over the full width, no qkv bias
+    "6b": dict(norm_type="rms_norm", qkv_bias=False, qk_normalization=True, initializer_factor=0.1),
+}
+
+
+def tiny_llm_config(llm: str, tokenizer, hidden_size: int = 64, num_layers: int = 2) -> dict[str, Any]:
+    """An `llm_config` dict in the family's own field names, sized for CPU tests."""
+    arch = LLM_PRESETS[llm][0]
+    vocab = len(tokenizer)
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    common = dict(
+        architectures=[arch],
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 5 // 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        initializer_range=0.1,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_cache=True,
+        **ids,
+    )
+    head_dim = hidden_size // 4
+    if llm == "qwen2":
+        return dict(common, model_type="qwen2", max_position_embeddings=4096, rope_theta=1000000.0,
+                    use_sliding_window=False, sliding_window=4096, max_window_layers=num_layers)
+    if llm == "llama":
+        return dict(common, model_type="llama", max_position_embeddings=4096, rope_theta=500000.0,
+                    attention_bias=False, mlp_bias=False)
+    if llm == "phi3":
+        # Phi-3-mini-128k style: "su" (longrope) scaling with short/long factors; a small original context so
+        # tests can cross into the long-factor regime.
+        half = head_dim // 2
+        return dict(common, model_type="phi3", max_position_embeddings=4096, original_max_position_embeddings=512,
+                    rope_theta=10000.0, sliding_window=None,
+                    rope_scaling={"type": "su", "short_factor": [1.0 + 0.05 * i for i in range(half)],
+                                  "long_factor": [1.5 + 0.25 * i for i in range(half)]})
+    if llm == "internlm2":
+        return dict(common, model_type="internlm2", max_position_embeddings=2048, rope_theta=1000000.0, bias=False,
+                    rope_scaling={"type": "dynamic", "factor": 2.0}, attn_implementation="eager")
+    raise ValueError(f"unknown LLM family {llm!r}; choose one of {sorted(LLM_PRESETS)}")
+
+
+def tiny_vision_config(style: str = "300m", hidden_size: int = 48, num_layers: int = 2,
+                       image_size: int = 448) -> dict[str, Any]:
+    if style not in VIT_STYLES:
+        raise ValueError(f"unknown ViT style {style!r}; choose one of {sorted(VIT_STYLES)}")
+    return InternVisionConfig(
+        architectures=["InternVisionModel"], hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_attention_heads=4, num_hidden_layers=num_layers, patch_size=14, image_size=image_size,
+        layer_norm_eps=1e-6, use_flash_attn=False, drop_path_rate=0.0, **VIT_STYLES[style],
+    ).to_dict()
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    llm: str = "qwen2",
+    vit: str = "300m",
+    template: str | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_size: str | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Write config.json, model.safetensors and a trained-offline tokenizer to `out_dir`."""
+    from .tiny import build_tiny_tokenizer
+
+    if llm not in LLM_PRESETS:
+        raise ValueError(f"unknown LLM family {llm!r}; choose one of {sorted(LLM_PRESETS)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    arch, flavour, default_template = LLM_PRESETS[llm]
+    tokenizer = build_tiny_tokenizer(flavour, out, seed=seed)
+    fields = dict(
+        select_layer=-1, force_image_size=448, downsample_ratio=0.5, template=template or default_template,
+        dynamic_image_size=True, use_thumbnail=True, ps_version="v2", min_dynamic_patch=1, max_dynamic_patch=12,
+        pad2square=False, architectures=["InternVLChatModel"],
+    )
+    fields.update(config_overrides)
+    config = InternVLChatConfig(
+        vision_config=tiny_vision_config(vit),
+        llm_config=tiny_llm_config(llm, tokenizer),
+        **fields,
+    )
+    llm_classes(arch)  # fail early on a missing family module
+    torch.manual_seed(seed)
+    model = InternVLChatModel(config)
+    with torch.no_grad():  # small non-trivial values everywhere (norm weights, layer scales, biases included)
+        gen = torch.Generator().manual_seed(seed)
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.02)
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    (out / "tiny_model.json").write_text(
+        json.dumps({"llm": llm, "vit": vit, "template": config.template, "seed": seed, "dtype": dtype}, indent=2)
+        + "\n"
+    )
+    return out
