@@ -157,3 +157,22 @@ def test_select_layer_and_ps_v1_from_config(tmp_path):
 
         expected = model.mlp1(pixel_shuffle(grid, 0.5, "v1").reshape(2, 256, -1))
     torch.testing.assert_close(feats, expected)
+
+
+def test_uint8_tiles_are_normalised_on_the_device(tiny):
+    from internvl_chat.data.transforms import normalize_tiles
+
+    model = InternVLChatModel.from_pretrained(tiny).eval()
+    torch.manual_seed(0)
+    tiles = torch.randint(0, 256, (2, 448, 448, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        from_uint8 = model.extract_feature(tiles)
+        from_float = model.extract_feature(normalize_tiles(tiles, "imagenet"))
+        chw = model.extract_feature(tiles.permute(0, 3, 1, 2).contiguous())
+    assert torch.equal(from_uint8, from_float)
+    assert torch.equal(chw, from_float)
+    assert "_pixel_normalizer" not in dict(model.named_modules())
+    model.config.normalize_type = "clip"
+    with torch.no_grad():
+        clip = model.extract_feature(tiles)
+    assert torch.equal(clip, model.extract_feature(normalize_tiles(tiles, "clip")))

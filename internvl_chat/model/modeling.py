@@ -104,6 +104,19 @@ def _set_checkpointing(module: PreTrainedModel, enable: bool) -> None:
         module.activation_checkpointing_disable()
 
 
+# Official LoRA targets (internvl_chat_finetune.py); matched by module-name suffix.
+LLM_LORA_TARGETS: dict[str, list[str]] = {
+    "InternLM2ForCausalLM": ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                             "feed_forward.w3"],
+    "Phi3ForCausalLM": ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"],
+    "Qwen2ForCausalLM": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"],
+    "LlamaForCausalLM": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"],
+}
+VISION_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
 class InternVLChatModel(PreTrainedModel):
     config_class = InternVLChatConfig
     config: InternVLChatConfig
@@ -114,6 +127,7 @@ class InternVLChatModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    accepts_loss_kwargs = False  # the loss is ours (loss_weight); the Trainer must scale for accumulation itself
 
     def __init__(self, config: InternVLChatConfig, vision_model=None, language_model=None) -> None:
         super().__init__(config)
@@ -145,7 +159,59 @@ class InternVLChatModel(PreTrainedModel):
             nn.GELU(),
             nn.Linear(llm_hidden, llm_hidden),
         )
+        # a checkpoint saved while LoRA-wrapped stores the adapters under peft's names: wrap before loading
+        if config.use_backbone_lora:
+            self.wrap_backbone_lora(config.use_backbone_lora, getattr(config, "backbone_lora_alpha", None))
+        if config.use_llm_lora:
+            self.wrap_llm_lora(
+                config.use_llm_lora,
+                getattr(config, "llm_lora_alpha", None),
+                target_modules=getattr(config, "llm_lora_target_modules", None),
+            )
         self.post_init()
+
+    # --- LoRA (peft), the official way: wrap the sub-model, record the rank in the config ----------------------
+    def wrap_backbone_lora(self, r: int, lora_alpha: int | None = None, lora_dropout: float = 0.05,
+                           target_modules: list[str] | None = None) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        alpha = lora_alpha or 2 * r
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
+                          target_modules=list(target_modules or VISION_LORA_TARGETS))
+        self.vision_model = get_peft_model(self.vision_model, lora)
+        self.config.use_backbone_lora = r
+        if alpha != 2 * r:
+            self.config.backbone_lora_alpha = alpha
+
+    def wrap_llm_lora(self, r: int, lora_alpha: int | None = None, lora_dropout: float = 0.05,
+                      target_modules: list[str] | None = None) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        alpha = lora_alpha or 2 * r
+        targets = list(target_modules or LLM_LORA_TARGETS[llm_family(self.config.llm_config)])
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+        self.language_model = get_peft_model(self.language_model, lora)
+        self.language_model.enable_input_require_grads()
+        self.config.use_llm_lora = r
+        if alpha != 2 * r:
+            self.config.llm_lora_alpha = alpha
+        if target_modules:
+            self.config.llm_lora_target_modules = targets
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters into the base weights and return to plain official key names."""
+        from peft import PeftModel
+
+        if isinstance(self.vision_model, PeftModel):
+            self.vision_model = self.vision_model.merge_and_unload()
+            self.config.use_backbone_lora = 0
+        if isinstance(self.language_model, PeftModel):
+            self.language_model = self.language_model.merge_and_unload()
+            self.config.use_llm_lora = 0
+        for key in ("backbone_lora_alpha", "llm_lora_alpha", "llm_lora_target_modules"):
+            if hasattr(self.config, key):
+                delattr(self.config, key)
 
     # --- loading ------------------------------------------------------------------------------------------------
     @classmethod
@@ -197,8 +263,27 @@ class InternVLChatModel(PreTrainedModel):
         _set_checkpointing(self.language_model, enable)
 
     # --- vision -------------------------------------------------------------------------------------------------
+    def normalize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles (channels-last [n, S, S, 3] or [n, 3, S, S]) -> normalised float tiles in the ViT's dtype.
+
+        Data workers ship uint8 (4x smaller than float32) and the device normalises once, with the exact values of
+        the official ToTensor + Normalize. Float inputs are taken as already normalised.
+        """
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        from ..data.transforms import TileNormalizer
+
+        normalize_type = getattr(self.config, "normalize_type", None) or "imagenet"
+        normalizer = self.__dict__.get("_pixel_normalizer")  # a cache, deliberately not a registered submodule
+        if normalizer is None or normalizer.normalize_type != normalize_type:
+            normalizer = self.__dict__["_pixel_normalizer"] = TileNormalizer(normalize_type)
+        normalizer.to(pixel_values.device)
+        channels_last = pixel_values.shape[-1] == 3 and pixel_values.shape[1] != 3
+        return normalizer(pixel_values, dtype=self.vision_model.dtype, channels_last=channels_last)
+
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tiles [n, 3, S, S] -> image tokens [n, num_image_token, llm_hidden]."""
+        """Tiles [n, 3, S, S] (float, normalised; or uint8, see normalize_pixels) -> [n, num_image_token, hidden]."""
+        pixel_values = self.normalize_pixels(pixel_values)
         select = None if self.select_layer == -1 else self.select_layer
         hidden = self.vision_model(pixel_values=pixel_values, select_layer=select).last_hidden_state
         hidden = hidden[:, 1:, :]  # drop CLS

@@ -1,0 +1,229 @@
+"""Supervised fine-tuning of an InternVL chat checkpoint: `python -m internvl_chat.finetune --meta_path ... ...`
+
+Accepts the official `internvl_chat_finetune.py` arguments unchanged (or one JSON file holding them).
+Features: every trainability mode (frozen parts, LoRA on ViT and/or LLM, partial ViT), token / sample / square loss
+reductions in every mode, length-grouped sampling, torchrun / Slurm / single process, DeepSpeed ZeRO-1/2/3, CPU
+(gloo) when there is no GPU, auto-resume from the newest complete checkpoint, output in the official layout.
+
+    setup -> load model and data -> apply the trainability plan -> train -> save
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import torch
+import transformers
+from transformers import HfArgumentParser, set_seed
+
+from .distributed import dist_info, setup_environment
+from .train.arguments import DataTrainingArguments, ModelArguments, TrainingArguments
+
+logger = logging.getLogger("internvl_chat.finetune")
+
+
+def parse_args(argv: list[str] | None):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]), allow_extra_keys=False)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def setup(training_args: TrainingArguments) -> None:
+    info = dist_info()
+    logging.basicConfig(
+        format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if info.is_main else logging.WARNING,
+        stream=sys.stdout,
+    )
+    if info.is_main:
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(training_args.seed)
+
+
+def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments,
+                             training_args: TrainingArguments):
+    from .model import InternVLChatModel, load_tokenizer
+
+    if not model_args.model_name_or_path:
+        raise ValueError(
+            "--model_name_or_path is required: fine-tuning starts from an InternVL chat checkpoint "
+            "(--vision_path/--llm_path assembly of a new model is not supported)"
+        )
+    path = model_args.model_name_or_path
+    tokenizer = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code,
+                               model_max_length=data_args.max_seq_length)
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    model = InternVLChatModel.from_pretrained(path, torch_dtype=dtype)
+
+    cfg = model.config
+    if data_args.down_sample_ratio != cfg.downsample_ratio:
+        raise ValueError(
+            f"--down_sample_ratio {data_args.down_sample_ratio} differs from the checkpoint's downsample_ratio "
+            f"{cfg.downsample_ratio}; the projector only works with the ratio it was trained for"
+        )
+    # the saved config.json reflects the run, as the official script does
+    cfg.template = data_args.conv_style
+    cfg.select_layer = model_args.vision_select_layer
+    cfg.dynamic_image_size = data_args.dynamic_image_size
+    cfg.use_thumbnail = data_args.use_thumbnail
+    cfg.ps_version = model_args.ps_version
+    cfg.min_dynamic_patch = data_args.min_dynamic_patch
+    cfg.max_dynamic_patch = data_args.max_dynamic_patch
+    cfg.force_image_size = data_args.force_image_size
+    if data_args.normalize_type != "imagenet" or hasattr(cfg, "normalize_type"):
+        cfg.normalize_type = data_args.normalize_type
+    model.template, model.select_layer, model.ps_version = cfg.template, cfg.select_layer, cfg.ps_version
+    model.num_image_token = cfg.num_image_token
+    if cfg.vision_config.image_size != data_args.force_image_size:
+        resize_position_embedding(model, data_args.force_image_size)
+    cfg.vision_config.drop_path_rate = model_args.drop_path_rate
+    model.vision_model.encoder.set_drop_path_rate(model_args.drop_path_rate)
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+
+    added = getattr(tokenizer, "num_added_internvl_tokens", 0)
+    if added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        resize_embeddings(model, len(tokenizer))
+    if model_args.mlp_path:
+        from safetensors.torch import load_file
+
+        model.mlp1.load_state_dict(load_file(model_args.mlp_path))
+    model.language_model.config.use_cache = False
+    return model, tokenizer
+
+
+def resize_embeddings(model, new_size: int) -> None:
+    """Grow the vocabulary; new output rows start at the mean of the old ones (as the official script does)."""
+    old = model.get_output_embeddings().weight.shape[0]
+    model.language_model.resize_token_embeddings(new_size)
+    with torch.no_grad():
+        out = model.get_output_embeddings().weight
+        out[old:] = out[:old].mean(dim=0, keepdim=True)
+    model.config.llm_config.vocab_size = new_size
+    logger.info("resized token embeddings %d -> %d", old, new_size)
+
+
+def resize_position_embedding(model, image_size: int) -> None:
+    """Permanently resample the ViT position table for a new tile size (bicubic, CLS kept)."""
+    emb = model.vision_model.embeddings
+    grid = image_size // emb.patch_size
+    with torch.no_grad():
+        patches = emb.patch_position_embedding(grid, grid, torch.float32)
+        table = torch.cat([emb.position_embedding[:, :1].float(), patches], dim=1).to(emb.position_embedding.dtype)
+    emb.position_embedding = torch.nn.Parameter(table)
+    emb.grid = grid
+    model.config.vision_config.image_size = image_size
+    logger.info("resized ViT position embeddings to %dx%d patches (tile %d px)", grid, grid, image_size)
+
+
+def build_data(data_args: DataTrainingArguments, training_args: TrainingArguments, model, tokenizer):
+    from .data.collator import DataCollator
+    from .data.dataset import DataConfig, build_dataset
+
+    if not data_args.meta_path:
+        raise ValueError("--meta_path is required (a meta JSON naming your datasets)")
+    config = DataConfig(
+        template=data_args.conv_style,
+        num_image_token=model.num_image_token,
+        image_size=data_args.force_image_size,
+        dynamic_image_size=data_args.dynamic_image_size,
+        use_thumbnail=data_args.use_thumbnail,
+        min_dynamic_patch=data_args.min_dynamic_patch,
+        max_dynamic_patch=data_args.max_dynamic_patch,
+        pad2square=data_args.pad2square,
+        max_seq_length=data_args.max_seq_length,
+        min_num_frame=data_args.min_num_frame,
+        max_num_frame=data_args.max_num_frame,
+        video_backend=data_args.video_backend,
+        seed=training_args.data_seed or training_args.seed,
+        bad_data=data_args.bad_data,
+        max_bad_fraction=data_args.max_bad_fraction,
+    )
+    dataset = build_dataset(data_args.meta_path, tokenizer, config)
+    collator = DataCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction)
+    return dataset, collator
+
+
+def apply_trainability(model, model_args: ModelArguments):
+    from .train.plan import apply_plan, format_plan, resolve_plan
+
+    plan = resolve_plan(model_args)
+    apply_plan(model, plan, model_args)
+    if model_args.grad_checkpoint:
+        model.set_llm_gradient_checkpointing(True)
+    vit_gc = model_args.vit_grad_checkpoint
+    if vit_gc is None:
+        vit_gc = plan.vit != "frozen"
+    if vit_gc:
+        model.set_vision_gradient_checkpointing(True)
+    logger.info("%s", format_plan(model, plan))
+    return plan
+
+
+def start_summary(model_args, data_args, training_args, dataset, plan) -> str:
+    info = dist_info()
+    global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * max(
+        1, info.world_size
+    )
+    lines = [
+        "=" * 72,
+        f"model      {model_args.model_name_or_path} (template {data_args.conv_style})",
+        f"plan       {plan.describe()}",
+        f"data       {data_args.meta_path}: {len(dataset)} samples",
+        f"batch      {training_args.per_device_train_batch_size} per device x {training_args.gradient_accumulation_steps}"
+        f" accumulation x {max(1, info.world_size)} processes = {global_batch} global",
+        f"precision  {'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else 'fp32'}; "
+        f"loss reduction {data_args.loss_reduction}; launcher {info.launcher}; "
+        f"device {'cpu (gloo)' if training_args.use_cpu else 'cuda'}",
+        f"output     {training_args.output_dir}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run one fine-tuning job; returns the output directory."""
+    setup_environment()
+    model_args, data_args, training_args = parse_args(argv)
+    setup(training_args)
+    from .train.trainer import BadDataTracker, InternVLTrainer, last_complete_checkpoint
+
+    model, tokenizer = load_model_and_tokenizer(model_args, data_args, training_args)
+    dataset, collator = build_data(data_args, training_args, model, tokenizer)
+    plan = apply_trainability(model, model_args)
+    logger.info("\n%s", start_summary(model_args, data_args, training_args, dataset, plan))
+
+    trainer = InternVLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        component_lrs={"vit": model_args.vision_lr, "mlp": model_args.mlp_lr, "llm": model_args.llm_lr},
+        base_model_dir=model_args.model_name_or_path,
+        bad_data=BadDataTracker(data_args.max_bad_fraction),
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume is None and training_args.auto_resume:
+        resume = last_complete_checkpoint(training_args.output_dir)
+        if resume:
+            logger.info("resuming from %s (newest complete checkpoint)", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    logger.info("%s", trainer.bad_data.summary())
+    if trainer.is_world_process_zero():
+        logger.info("checkpoint written to %s", training_args.output_dir)
+    return training_args.output_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Command-line arguments of `internvl_chat/finetune.py`, under the official names.
+
+Every flag the official `internvl_chat_finetune.py` and its shell scripts pass is accepted unchanged, including
+TrainingArguments that transformers 5 removed (`overwrite_output_dir`, `evaluation_strategy`, `warmup_ratio`,
+`group_by_length`, `logging_dir`, `no_cuda`, `save_safetensors`): they are mapped onto their replacements here, in
+one place. Flags of our own are marked "(ours)".
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "InternVL chat checkpoint to fine-tune"})
+    vision_path: str | None = field(default=None, metadata={"help": "not supported: start from a chat checkpoint"})
+    llm_path: str | None = field(default=None, metadata={"help": "not supported: start from a chat checkpoint"})
+    mlp_path: str | None = field(default=None, metadata={"help": "mlp1 weights (safetensors) to load into the projector"})
+    freeze_llm: bool = field(default=False)
+    freeze_backbone: bool = field(default=False, metadata={"help": "freeze the ViT"})
+    freeze_mlp: bool = field(default=False)
+    unfreeze_vit_layers: int = field(default=0, metadata={"help": "train ViT layers [N:] (negative: the last |N|)"})
+    vision_select_layer: int = field(default=-1)
+    use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank for the ViT (0 = off)"})
+    use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank for the LLM (0 = off)"})
+    unfreeze_lm_head: bool = field(default=False, metadata={"help": "train the LM head even when the LLM is frozen"})
+    grad_checkpoint: bool = field(default=True, metadata={"help": "activation checkpointing of the LLM"})
+    vit_grad_checkpoint: bool | None = field(
+        default=None, metadata={"help": "(ours) activation checkpointing of the ViT; default: on when the ViT trains"}
+    )
+    drop_path_rate: float = field(default=0.0)
+    ps_version: str = field(default="v2")
+    use_fast_tokenizer: bool = field(default=False)
+    use_liger: bool = field(default=False, metadata={"help": "accepted for compatibility; has no effect"})
+    lora_alpha: int | None = field(default=None, metadata={"help": "(ours) LoRA alpha; default 2 x rank"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "(ours)"})
+    llm_lora_target_modules: str | None = field(
+        default=None, metadata={"help": "(ours) comma-separated module names; default: the official ones per family"}
+    )
+    backbone_lora_target_modules: str | None = field(default=None, metadata={"help": "(ours) default: attn.qkv,..."})
+    use_qlora: bool = field(default=False, metadata={"help": "(ours) 4-bit NF4 LLM base weights (bitsandbytes)"})
+    vision_lr: float | None = field(default=None, metadata={"help": "(ours) learning rate of the ViT"})
+    mlp_lr: float | None = field(default=None, metadata={"help": "(ours) learning rate of the projector"})
+    llm_lr: float | None = field(default=None, metadata={"help": "(ours) learning rate of the LLM"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "(ours) allow tokenizer code from the checkpoint"})
+
+
+@dataclass
+class DataTrainingArguments:
+    max_seq_length: int = field(default=8192)
+    force_image_size: int = field(default=448)
+    down_sample_ratio: float = field(default=0.5)
+    pad2square: bool = field(default=False)
+    conv_style: str = field(default="internlm2-chat", metadata={"help": "template name"})
+    meta_path: str | None = field(default=None)
+    use_data_resampling: bool = field(default=False)
+    dynamic_image_size: bool = field(default=False)
+    use_thumbnail: bool = field(default=False)
+    min_dynamic_patch: int = field(default=1)
+    max_dynamic_patch: int = field(default=12)
+    min_num_frame: int = field(default=8)
+    max_num_frame: int = field(default=32)
+    normalize_type: str = field(default="imagenet")
+    use_packed_ds: bool = field(default=False)
+    num_images_expected: int = field(default=40)
+    max_packed_tokens: int = field(default=8192)
+    max_buffer_size: int = field(default=20)
+    log_freq: int = field(default=1000)
+    strict_mode: bool = field(default=True)
+    replacement: bool = field(default=False)
+    allow_overflow: bool = field(default=False)
+    loss_reduction: str = field(default="token", metadata={"help": "token | sample | square"})
+    loss_reduction_all_gather: bool = field(default=False)
+    bad_data: str = field(default="skip", metadata={"help": "(ours) skip (count and report) | fail"})
+    max_bad_fraction: float = field(default=0.01, metadata={"help": "(ours) stop when more samples are bad"})
+    video_backend: str = field(default="pyav", metadata={"help": "(ours) pyav | decord"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' TrainingArguments plus the official flags transformers 5 removed."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "accepted for compatibility; never deletes anything and does not disable auto-resume"},
+    )
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of eval_strategy"})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "warmup as a fraction of the total steps"})
+    group_by_length: bool = field(default=False, metadata={"help": "length-grouped sampling"})
+    logging_dir: str | None = field(default=None, metadata={"help": "tensorboard directory"})
+    no_cuda: bool = field(default=False, metadata={"help": "old name of use_cpu"})
+    save_safetensors: bool = field(default=True, metadata={"help": "always true: only safetensors are written"})
+    auto_resume: bool = field(default=True, metadata={"help": "(ours) resume from the newest complete checkpoint"})
+
+    def __post_init__(self) -> None:
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            if self.warmup_steps:
+                raise ValueError("give either --warmup_ratio or --warmup_steps, not both")
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = float(self.warmup_ratio)  # transformers 5: a float < 1 is a ratio
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+        if self.no_cuda or not torch.cuda.is_available():
+            # without use_cpu, transformers on a CPU-only machine silently trains every rank alone (no DDP)
+            self.use_cpu = True
+        if self.use_cpu and self.ddp_backend is None:
+            self.ddp_backend = "gloo"
+        if not self.save_safetensors:
+            warnings.warn("--save_safetensors False is ignored: checkpoints are always safetensors", stacklevel=2)
+        if self.logging_dir:
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        super().__post_init__()

@@ -1,0 +1,195 @@
+"""HF Trainer with what InternVL fine-tuning needs on top.
+
+- the loss is the model's own (token / sample / square reductions through `loss_weight`), scaled for gradient
+  accumulation by the Trainer;
+- length-grouped sampling from the dataset's cheap `lengths` (no tokenizing the whole set at start-up);
+- optional learning rates per component (ViT / MLP / LLM);
+- bad samples the dataset skipped are counted and reported, with a hard stop above a bad fraction;
+- checkpoints in the official layout (+ the base checkpoint's `*.py`, so `trust_remote_code` loading works),
+  marked complete only after every file is written, so resuming never picks a half-written checkpoint;
+- tokens/s, samples/s and peak memory in every log line.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from .plan import component_of
+
+COMPLETE_MARKER = "internvl_chat_complete.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, path, complete) for every checkpoint-N folder, oldest first."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        m = _CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isdir(path):
+            found.append((int(m.group(1)), path, os.path.exists(os.path.join(path, COMPLETE_MARKER))))
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    complete = [path for _, path, ok in list_checkpoints(output_dir) if ok]
+    return complete[-1] if complete else None
+
+
+class BadDataTracker:
+    """Counts samples the dataset skipped (reported by the collator) and stops the run above a bad fraction."""
+
+    def __init__(self, max_bad_fraction: float = 0.01, min_samples: int = 100, keep: int = 20) -> None:
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = min_samples
+        self.keep = keep
+        self.bad: list[str] = []
+        self.num_bad = 0
+        self.num_seen = 0
+
+    def update(self, num_samples: int, skipped: list[str] | None) -> None:
+        self.num_seen += num_samples
+        for message in skipped or ():
+            self.num_bad += 1
+            if len(self.bad) < self.keep:
+                self.bad.append(message)
+        if self.num_bad:
+            fraction = self.num_bad / max(1, self.num_seen + self.num_bad)
+            if self.num_seen + self.num_bad >= self.min_samples and fraction > self.max_bad_fraction:
+                raise RuntimeError(
+                    f"stopping: {self.num_bad} of {self.num_seen + self.num_bad} samples were bad "
+                    f"({fraction:.1%} > --max_bad_fraction {self.max_bad_fraction:.1%}). First problems:\n  "
+                    + "\n  ".join(self.bad)
+                    + "\nRun tools/check_data.py --meta_path ... to list every problem before training."
+                )
+
+    def summary(self) -> str:
+        if not self.num_bad:
+            return f"data: {self.num_seen} samples trained, no bad samples"
+        return (
+            f"data: {self.num_seen} samples trained, {self.num_bad} bad samples skipped (this rank). First:\n  "
+            + "\n  ".join(self.bad)
+        )
+
+
+class InternVLTrainer(Trainer):
+    def __init__(self, *args, component_lrs: dict[str, float] | None = None, base_model_dir: str | None = None,
+                 bad_data: BadDataTracker | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.component_lrs = {k: v for k, v in (component_lrs or {}).items() if v is not None}
+        self.base_model_dir = base_model_dir
+        self.bad_data = bad_data or BadDataTracker()
+        self._window_tokens = 0
+        self._window_samples = 0
+        self._window_start = time.perf_counter()
+
+    # --- loss -----------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = inputs.pop("skipped_samples", None)
+        self.bad_data.update(int(inputs["input_ids"].shape[0]), skipped)
+        if "attention_mask" in inputs:
+            self._window_tokens += int(inputs["attention_mask"].sum())
+        self._window_samples += int(inputs["input_ids"].shape[0])
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    # --- sampling -------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            generator = torch.Generator().manual_seed(self.args.data_seed or self.args.seed)
+            return LengthGroupedSampler(batch, lengths=list(dataset.lengths), generator=generator)
+        return super()._get_train_sampler(train_dataset)
+
+    # --- optimizer: per-component learning rates ---------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if not self.component_lrs or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        model = self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[str, bool], list] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((component_of(name), name in decay), []).append(p)
+        param_groups = []
+        for (comp, use_decay), params in sorted(groups.items()):
+            group = {"params": params, "weight_decay": self.args.weight_decay if use_decay else 0.0}
+            if comp in self.component_lrs:
+                group["lr"] = self.component_lrs[comp]
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # --- logging ----------------------------------------------------------------------------------------------
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            logs["tokens_per_second"] = round(self._window_tokens / elapsed, 1)
+            logs["samples_per_second"] = round(self._window_samples / elapsed, 3)
+            if torch.cuda.is_available():
+                logs["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            else:
+                import resource
+
+                logs["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            if self.bad_data.num_bad:
+                logs["bad_samples"] = self.bad_data.num_bad
+            self._window_tokens = self._window_samples = 0
+            self._window_start = time.perf_counter()
+        super().log(logs, start_time) if start_time is not None else super().log(logs)
+
+    # --- saving -------------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save and self.base_model_dir and os.path.isdir(self.base_model_dir):
+            # the base checkpoint's remote code, so AutoModel(..., trust_remote_code=True) loads our output
+            for src in glob.glob(os.path.join(self.base_model_dir, "*.py")):
+                dst = os.path.join(output_dir, os.path.basename(src))
+                if not os.path.exists(dst):
+                    shutil.copy2(src, dst)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate ourselves, after the new checkpoint is known to be complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's shards are on disk
+        if self.args.should_save:
+            step = self.state.global_step
+            path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+            tmp = os.path.join(path, COMPLETE_MARKER + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"global_step": step, "time": time.time()}, f)
+            os.replace(tmp, os.path.join(path, COMPLETE_MARKER))
+            self._rotate_complete_checkpoints(limit)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def _rotate_complete_checkpoints(self, limit: int | None) -> None:
+        checkpoints = list_checkpoints(self.args.output_dir)
+        complete = [path for _, path, ok in checkpoints if ok]
+        newest_complete_step = max((s for s, _, ok in checkpoints if ok), default=-1)
+        for step, path, ok in checkpoints:  # half-written leftovers of an interrupted run
+            if not ok and step < newest_complete_step:
+                shutil.rmtree(path, ignore_errors=True)
+        if limit and limit > 0 and len(complete) > limit:
+            for path in complete[: len(complete) - limit]:
+                shutil.rmtree(path, ignore_errors=True)

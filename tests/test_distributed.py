@@ -1,0 +1,33 @@
+from internvl_chat.distributed import dist_info, setup_environment
+
+
+def test_plain_python_is_rank0_of_1():
+    info = dist_info({})
+    assert (info.launcher, info.rank, info.world_size, info.is_main) == ("none", 0, 1, True)
+
+
+def test_torchrun_variables():
+    info = dist_info({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size) == (
+        "torchrun", 3, 8, 1, 4)
+
+
+def test_slurm_task_is_translated_to_torchrun_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+           "SLURM_NTASKS_PER_NODE": "8(x2)", "SLURM_NODELIST": "gpu[07-08]"}
+    info = setup_environment(env)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size) == (
+        "slurm", 5, 16, 1, 8)
+    assert env["RANK"] == "5" and env["WORLD_SIZE"] == "16" and env["LOCAL_RANK"] == "1"
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "29500"
+
+
+def test_sbatch_shell_with_one_task_is_not_distributed():
+    # inside an sbatch script (no step yet) or a single task, the job is not a process group
+    assert dist_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}).launcher == "none"
+    assert dist_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"}).launcher == "none"
+
+
+def test_torchrun_inside_slurm_wins():
+    info = dist_info({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert info.launcher == "torchrun" and info.rank == 1
