@@ -75,3 +75,43 @@ def test_all_frozen_counts(tiny_dirs):
     counts = parameter_counts(model)
     assert all(c["trainable"] == 0 for c in counts.values())
     assert sum(c["frozen"] for c in counts.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_merge_lora_tool(tiny_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors import safe_open
+
+    model, _ = plan_for(tiny_dirs["internlm2"], freeze_llm=True, freeze_mlp=True, freeze_backbone=True,
+                        use_llm_lora=4, use_backbone_lora=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    model.save_pretrained(tmp_path / "lora")
+    from internvl_chat.model import load_tokenizer
+
+    load_tokenizer(tiny_dirs["internlm2"]).save_pretrained(tmp_path / "lora")
+    out = tmp_path / "merged"
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "tools/merge_lora.py"), str(tmp_path / "lora"), str(out),
+                    "--dtype", "float32"], check=True, capture_output=True)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any("lora_" in k or "base_model" in k for k in keys)
+    assert "language_model.model.layers.0.attention.wqkv.weight" in keys
+    merged = InternVLChatModel.from_pretrained(out).eval()
+    assert merged.config.use_llm_lora == 0 and merged.config.use_backbone_lora == 0
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    pixels = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.language_model(input_ids=ids).logits,
+                                   model.language_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(merged.extract_feature(pixels), model.extract_feature(pixels), atol=1e-4, rtol=1e-4)
+    # refuses to overwrite
+    again = subprocess.run([sys.executable, str(repo / "tools/merge_lora.py"), str(tmp_path / "lora"), str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode != 0 and "not empty" in again.stderr
