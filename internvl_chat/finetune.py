@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None):
 
 
 def setup(training_args: TrainingArguments) -> None:
+    # initialise the process group now: ZeRO-3 partitions weights while they load, which needs it
+    _ = training_args.device
+    if training_args.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
     info = dist_info()
     logging.basicConfig(
         format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s",
@@ -87,8 +93,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
     model.vision_model.encoder.set_drop_path_rate(model_args.drop_path_rate)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
 
-    added = getattr(tokenizer, "num_added_internvl_tokens", 0)
-    if added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    # compare with the config, not the weight: under ZeRO-3 a partitioned weight has shape [0]
+    if len(tokenizer) > model.config.llm_config.vocab_size:
         resize_embeddings(model, len(tokenizer))
     if model_args.mlp_path:
         from safetensors.torch import load_file
@@ -100,10 +106,19 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
 
 def resize_embeddings(model, new_size: int) -> None:
     """Grow the vocabulary; new output rows start at the mean of the old ones (as the official script does)."""
-    old = model.get_output_embeddings().weight.shape[0]
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    old = model.config.llm_config.vocab_size
     model.language_model.resize_token_embeddings(new_size)
-    with torch.no_grad():
-        out = model.get_output_embeddings().weight
+    out = model.get_output_embeddings().weight
+    gather = contextlib.nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([out], modifier_rank=0)
+    with gather, torch.no_grad():
         out[old:] = out[:old].mean(dim=0, keepdim=True)
     model.config.llm_config.vocab_size = new_size
     logger.info("resized token embeddings %d -> %d", old, new_size)
@@ -146,8 +161,17 @@ def build_data(data_args: DataTrainingArguments, training_args: TrainingArgument
         max_bad_fraction=data_args.max_bad_fraction,
     )
     dataset = build_dataset(data_args.meta_path, tokenizer, config)
-    collator = DataCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction)
-    return dataset, collator
+    if not data_args.use_packed_ds:
+        return dataset, DataCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction)
+    from .data.packing import PackedCollator, PackedDataset
+
+    packed = PackedDataset(dataset, data_args.max_packed_tokens, max_tiles=data_args.num_images_expected,
+                           seed=config.seed, num_image_token=model.num_image_token)
+    logger.info("packing: %d samples into %d packs of <= %d tokens / %d tiles (%s)", len(dataset), len(packed),
+                data_args.max_packed_tokens, data_args.num_images_expected, packed.stats)
+    collator = PackedCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction,
+                              max_packed_tokens=data_args.max_packed_tokens)
+    return packed, collator
 
 
 def apply_trainability(model, model_args: ModelArguments):
@@ -192,7 +216,8 @@ def main(argv: list[str] | None = None) -> str:
     setup_environment()
     model_args, data_args, training_args = parse_args(argv)
     setup(training_args)
-    from .train.trainer import BadDataTracker, InternVLTrainer, last_complete_checkpoint
+    from .data.errors import BadDataTracker
+    from .train.trainer import InternVLTrainer, last_complete_checkpoint
 
     model, tokenizer = load_model_and_tokenizer(model_args, data_args, training_args)
     dataset, collator = build_data(data_args, training_args, model, tokenizer)
@@ -208,6 +233,7 @@ def main(argv: list[str] | None = None) -> str:
         component_lrs={"vit": model_args.vision_lr, "mlp": model_args.mlp_lr, "llm": model_args.llm_lr},
         base_model_dir=model_args.model_name_or_path,
         bad_data=BadDataTracker(data_args.max_bad_fraction),
+        loss_reduction_all_gather=data_args.loss_reduction_all_gather,
     )
     resume = training_args.resume_from_checkpoint
     if resume is None and training_args.auto_resume:

@@ -349,6 +349,7 @@ class InternVLChatModel(PreTrainedModel):
         loss_weight: torch.Tensor | None = None,
         loss_reduction_all_gather: bool = False,
         statistics: torch.Tensor | None = None,
+        num_samples: int | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Official training batch in, `CausalLMOutputWithPast` out.
@@ -360,6 +361,10 @@ class InternVLChatModel(PreTrainedModel):
         if isinstance(loss_weight, list):
             loss_weight = torch.tensor(loss_weight, dtype=torch.float32)
         inputs_embeds = self._embed(input_ids, pixel_values, image_flags)
+        if labels is not None and use_cache is None:
+            # a training forward needs no KV cache, and a cache would also switch off transformers' per-sample
+            # (packed) attention mask derived from restarting position_ids
+            use_cache = False
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

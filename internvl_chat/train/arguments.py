@@ -112,10 +112,13 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.no_cuda or not torch.cuda.is_available():
             # without use_cpu, transformers on a CPU-only machine silently trains every rank alone (no DDP)
             self.use_cpu = True
-        if self.use_cpu and self.ddp_backend is None:
+        if self.use_cpu and self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.ddp_backend = "gloo"
         if not self.save_safetensors:
             warnings.warn("--save_safetensors False is ignored: checkpoints are always safetensors", stacklevel=2)
+        # our collators consume every item key (reports of skipped samples, supervised counts); the Trainer's
+        # column filter would silently drop them
+        self.remove_unused_columns = False
         if self.logging_dir:
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
         super().__post_init__()

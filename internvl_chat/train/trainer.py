@@ -4,7 +4,8 @@
   accumulation by the Trainer;
 - length-grouped sampling from the dataset's cheap `lengths` (no tokenizing the whole set at start-up);
 - optional learning rates per component (ViT / MLP / LLM);
-- bad samples the dataset skipped are counted and reported, with a hard stop above a bad fraction;
+- bad samples the dataset skipped are counted and reported (data.errors.BadDataTracker), with a hard stop above
+  a bad fraction;
 - checkpoints in the official layout (+ the base checkpoint's `*.py`, so `trust_remote_code` loading works),
   marked complete only after every file is written, so resuming never picks a half-written checkpoint;
 - tokens/s, samples/s and peak memory in every log line.
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import json
 import os
 import re
@@ -21,9 +23,10 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from ..data.errors import BadDataTracker
 from .plan import component_of
 
 COMPLETE_MARKER = "internvl_chat_complete.json"
@@ -48,60 +51,49 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return complete[-1] if complete else None
 
 
-class BadDataTracker:
-    """Counts samples the dataset skipped (reported by the collator) and stops the run above a bad fraction."""
+class _EpochToDataset(TrainerCallback):
+    """Tell the dataset the epoch (its per-sample randomness and packing plans are seeded by it).
 
-    def __init__(self, max_bad_fraction: float = 0.01, min_samples: int = 100, keep: int = 20) -> None:
-        self.max_bad_fraction = max_bad_fraction
-        self.min_samples = min_samples
-        self.keep = keep
-        self.bad: list[str] = []
-        self.num_bad = 0
-        self.num_seen = 0
+    accelerate forwards `set_epoch` to the sampler only, so the dataset would otherwise stay at epoch 0.
+    """
 
-    def update(self, num_samples: int, skipped: list[str] | None) -> None:
-        self.num_seen += num_samples
-        for message in skipped or ():
-            self.num_bad += 1
-            if len(self.bad) < self.keep:
-                self.bad.append(message)
-        if self.num_bad:
-            fraction = self.num_bad / max(1, self.num_seen + self.num_bad)
-            if self.num_seen + self.num_bad >= self.min_samples and fraction > self.max_bad_fraction:
-                raise RuntimeError(
-                    f"stopping: {self.num_bad} of {self.num_seen + self.num_bad} samples were bad "
-                    f"({fraction:.1%} > --max_bad_fraction {self.max_bad_fraction:.1%}). First problems:\n  "
-                    + "\n  ".join(self.bad)
-                    + "\nRun tools/check_data.py --meta_path ... to list every problem before training."
-                )
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
 
-    def summary(self) -> str:
-        if not self.num_bad:
-            return f"data: {self.num_seen} samples trained, no bad samples"
-        return (
-            f"data: {self.num_seen} samples trained, {self.num_bad} bad samples skipped (this rank). First:\n  "
-            + "\n  ".join(self.bad)
-        )
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(math.floor((state.epoch or 0) + 1e-6))
 
 
 class InternVLTrainer(Trainer):
     def __init__(self, *args, component_lrs: dict[str, float] | None = None, base_model_dir: str | None = None,
-                 bad_data: BadDataTracker | None = None, **kwargs) -> None:
+                 bad_data: BadDataTracker | None = None, loss_reduction_all_gather: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.component_lrs = {k: v for k, v in (component_lrs or {}).items() if v is not None}
         self.base_model_dir = base_model_dir
         self.bad_data = bad_data or BadDataTracker()
+        self.loss_reduction_all_gather = loss_reduction_all_gather
+        self._pad_id = getattr(self.processing_class, "pad_token_id", None)
         self._window_tokens = 0
         self._window_samples = 0
+        self.add_callback(_EpochToDataset(self))
         self._window_start = time.perf_counter()
 
     # --- loss -----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.pop("skipped_samples", None)
-        self.bad_data.update(int(inputs["input_ids"].shape[0]), skipped)
-        if "attention_mask" in inputs:
+        num_samples = int(inputs.pop("num_samples", inputs["input_ids"].shape[0]))  # packed rows hold several
+        self.bad_data.update(num_samples, skipped)
+        if inputs.get("attention_mask") is not None:
             self._window_tokens += int(inputs["attention_mask"].sum())
-        self._window_samples += int(inputs["input_ids"].shape[0])
+        else:  # packed rows: every token but the padding tail, which carries no label and no image
+            self._window_tokens += int((inputs["input_ids"] != self._pad_id).sum()) if self._pad_id is not None \
+                else int(inputs["input_ids"].numel())
+        self._window_samples += num_samples
+        if self.loss_reduction_all_gather:
+            inputs["loss_reduction_all_gather"] = True  # the loss denominator is averaged over ranks
         outputs = model(**inputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -146,8 +138,8 @@ class InternVLTrainer(Trainer):
                 import resource
 
                 logs["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-            if self.bad_data.num_bad:
-                logs["bad_samples"] = self.bad_data.num_bad
+            if self.bad_data.bad:
+                logs["bad_samples"] = self.bad_data.bad
             self._window_tokens = self._window_samples = 0
             self._window_start = time.perf_counter()
         super().log(logs, start_time) if start_time is not None else super().log(logs)
