@@ -66,7 +66,13 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
     tokenizer = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code,
                                model_max_length=data_args.max_seq_length)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    model = InternVLChatModel.from_pretrained(path, torch_dtype=dtype)
+    load_kwargs = {}
+    if model_args.use_qlora:
+        load_kwargs = qlora_load_kwargs(model_args, dtype, training_args)
+    model = InternVLChatModel.from_pretrained(path, torch_dtype=dtype, **load_kwargs)
+    if model_args.use_qlora:
+        patch_bnb_for_cpu_training(model)
+        model.config.qlora_base_model = os.path.abspath(path)  # tools/merge_lora.py merges into full precision
 
     cfg = model.config
     if data_args.down_sample_ratio != cfg.downsample_ratio:
@@ -102,6 +108,35 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
         model.mlp1.load_state_dict(load_file(model_args.mlp_path))
     model.language_model.config.use_cache = False
     return model, tokenizer
+
+
+def qlora_load_kwargs(model_args: ModelArguments, dtype: torch.dtype, training_args: TrainingArguments) -> dict:
+    """4-bit NF4 base weights for the LLM's linear layers; ViT, projector and LM head stay in full precision."""
+    if not model_args.use_llm_lora:
+        raise ValueError("--use_qlora needs --use_llm_lora R: the 4-bit base weights cannot be trained directly")
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if dtype != torch.float32 else torch.bfloat16
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=["vision_model", "mlp1", "lm_head", "output"],
+    )
+    device = "cpu" if training_args.use_cpu else f"cuda:{max(training_args.local_process_index, 0)}"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def patch_bnb_for_cpu_training(model) -> None:
+    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights after an eval-mode no-grad forward, after which
+    training fails with an in-place error (environment.md, QLoRA caveat). Keep the trainable layout."""
+    if torch.cuda.is_available():
+        return
+    patched = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            patched += 1
+    if patched:
+        logger.info("bitsandbytes: disabled the AVX512-BF16 weight repacking on %d 4-bit layers (CPU QLoRA)", patched)
 
 
 def resize_embeddings(model, new_size: int) -> None:

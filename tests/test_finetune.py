@@ -212,3 +212,28 @@ def test_packed_training_runs_without_max_steps(workdir):
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert all(l == l and l > 0 for l in losses)  # finite, non-zero
     assert sum(h.get("samples_per_second", 0) > 0 for h in state["log_history"]) > 0
+
+
+def test_qlora_trains_saves_and_merges(workdir):
+    pytest.importorskip("bitsandbytes")
+    root, meta = workdir
+    out = root / "qlora"
+    main(base_args(root / "qwen2", meta, out, "--freeze_backbone", "True", "--freeze_llm", "True",
+                   "--freeze_mlp", "True", "--use_llm_lora", "4", "--use_qlora", "True", "--max_steps", "3",
+                   "--learning_rate", "1e-2"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert config["qlora_base_model"] == str(root / "qwen2")
+    weights = read_weights(out)
+    lora_b = [k for k in weights if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(weights[k]) for k in lora_b)
+    merged = root / "qlora_merged"
+    subprocess.run([sys.executable, str(REPO / "tools/merge_lora.py"), str(out), str(merged), "--dtype", "float32"],
+                   check=True, capture_output=True)
+    base, result = read_weights(root / "qwen2"), read_weights(merged)
+    assert set(result) == set(base)
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[q], result[q])  # the adapter was merged into full-precision weights
+    assert torch.equal(base["mlp1.1.weight"], result["mlp1.1.weight"])  # frozen parts untouched
+    assert json.loads((merged / "config.json").read_text()).get("quantization_config") is None
+    InternVLChatModel.from_pretrained(merged)

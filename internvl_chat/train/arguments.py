@@ -97,6 +97,9 @@ class TrainingArguments(transformers.TrainingArguments):
     no_cuda: bool = field(default=False, metadata={"help": "old name of use_cpu"})
     save_safetensors: bool = field(default=True, metadata={"help": "always true: only safetensors are written"})
     auto_resume: bool = field(default=True, metadata={"help": "(ours) resume from the newest complete checkpoint"})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "tensorboard by default (event files under output_dir/runs)"}
+    )
 
     def __post_init__(self) -> None:
         if self.evaluation_strategy is not None:

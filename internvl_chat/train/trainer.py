@@ -70,7 +70,17 @@ class InternVLTrainer(Trainer):
     def __init__(self, *args, component_lrs: dict[str, float] | None = None, base_model_dir: str | None = None,
                  bad_data: BadDataTracker | None = None, loss_reduction_all_gather: bool = False,
                  **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model")
+        # QLoRA: the adapters live inside the language model (official layout), which transformers' "is a purely
+        # quantized model being trained?" check cannot see; vouch for them during that check only
+        vouch = bool(getattr(model, "is_quantized", False)) and getattr(model.config, "use_llm_lora", 0) > 0
+        if vouch:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if vouch:
+                del model._hf_peft_config_loaded
         self.component_lrs = {k: v for k, v in (component_lrs or {}).items() if v is not None}
         self.base_model_dir = base_model_dir
         self.bad_data = bad_data or BadDataTracker()
