@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Write the per-model 2nd-finetune shell scripts from one settings table.
+
+    python tools/make_launchers.py            # (re)write shell/<family>/2nd_finetune/*.sh
+    python tools/make_launchers.py --check    # exit 1 if a script on disk differs from the table
+
+Each generated script is a few lines of settings plus one call to `shell/launch.sh`, which holds everything the
+scripts share. The numbers are the official scripts' (spec: internvl-official.md section 1.2; InternVL 1.5 and
+Mini-InternVL from the official `shell/internvl1.5/2nd_finetune/` scripts). To change a default, change
+`MODELS` below and re-run; `tests/test_launchers.py` fails when the files and the table disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Family:
+    folder: str  # under shell/
+    work_dir: str  # OUTPUT_DIR default = <work_dir>/<script name>
+    max_seq_length: int
+    max_dynamic_patch: int
+    save_total_limit_full: int
+    extra_flags: tuple[str, ...] = ()
+
+
+FAMILIES = {
+    "1.5": Family("internvl1.5", "work_dirs/internvl_chat_v1_5", 4096, 12, 2),
+    "2.0": Family("internvl2.0", "work_dirs/internvl_chat_v2_0", 4096, 6, 1),
+    "2.5": Family("internvl2.5", "work_dirs/internvl_chat_v2_5", 8192, 6, 1, ("--use_fast_tokenizer", "False")),
+}
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    family: str  # key of FAMILIES
+    name: str  # script name stem, before "_dynamic_res_2nd_finetune_{full,lora}"
+    title: str  # what the checkpoint is, for the script's header
+    llm: str  # LLM architecture family (qwen2 | internlm2 | phi3 | llama), as in internvl_chat.tiny_model
+    model: str  # default MODEL (a path; never downloaded)
+    conv_style: str
+    per_device: int
+    learning_rate: str
+    weight_decay: str
+    drop_path_full: str
+    deepspeed: str
+    gpus_full: int = 8
+    gpus_lora: int = 2
+    official_srun: bool = False  # the official full script launches with srun on several nodes
+
+
+# fmt: off
+MODELS: tuple[ModelRow, ...] = (
+    ModelRow("1.5", "internvl_chat_v1_5_internlm2_20b",
+             "InternVL-Chat-V1-5 (26B: InternViT-6B + InternLM2-Chat-20B)", "internlm2",
+             "./pretrained/InternVL-Chat-V1-5", "internlm2-chat", 2, "2e-5", "0.05", "0.4", "zero_stage3_config.json"),
+    ModelRow("1.5", "internvl_chat_v1_5_internlm2_1_8b",
+             "Mini-InternVL-Chat-2B-V1-5 (InternViT-300M + InternLM2-Chat-1.8B)", "internlm2",
+             "./pretrained/Mini-InternVL-Chat-2B-V1-5", "internlm2-chat", 4, "4e-5", "0.01", "0.1",
+             "zero_stage1_config.json"),
+    ModelRow("1.5", "internvl_chat_v1_5_phi3_3_8b", "Mini-InternVL-Chat-4B-V1-5 (InternViT-300M + Phi-3-mini)", "phi3",
+             "./pretrained/Mini-InternVL-Chat-4B-V1-5", "phi3-chat", 4, "4e-5", "0.05", "0.1",
+             "zero_stage1_config.json"),
+    ModelRow("2.0", "internvl2_1b_qwen2_0_5b", "InternVL2-1B (InternViT-300M + Qwen2-0.5B-Instruct)", "qwen2",
+             "./pretrained/InternVL2-1B", "Hermes-2", 4, "4e-5", "0.01", "0.1", "zero_stage1_config.json"),
+    ModelRow("2.0", "internvl2_2b_internlm2_1_8b", "InternVL2-2B (InternViT-300M + InternLM2-Chat-1.8B)", "internlm2",
+             "./pretrained/InternVL2-2B", "internlm2-chat", 4, "4e-5", "0.01", "0.1", "zero_stage1_config.json"),
+    ModelRow("2.0", "internvl2_4b_phi3_3_8b", "InternVL2-4B (InternViT-300M + Phi-3-mini)", "phi3",
+             "./pretrained/InternVL2-4B", "phi3-chat", 4, "4e-5", "0.01", "0.1", "zero_stage1_config.json"),
+    ModelRow("2.0", "internvl2_8b_internlm2_7b", "InternVL2-8B (InternViT-300M + InternLM2.5-7B-Chat)", "internlm2",
+             "./pretrained/InternVL2-8B", "internlm2-chat", 4, "4e-5", "0.05", "0.1", "zero_stage1_config.json"),
+    ModelRow("2.0", "internvl2_26b_internlm2_20b", "InternVL2-26B (InternViT-6B + InternLM2-Chat-20B)", "internlm2",
+             "./pretrained/InternVL2-26B", "internlm2-chat", 2, "2e-5", "0.05", "0.4", "zero_stage3_config.json"),
+    ModelRow("2.0", "internvl2_40b_hermes2_yi_34b", "InternVL2-40B (InternViT-6B + Nous-Hermes-2-Yi-34B)", "llama",
+             "./pretrained/InternVL2-40B", "Hermes-2", 2, "2e-5", "0.05", "0.4", "zero_stage3_config_34b.json",
+             gpus_full=16, official_srun=True),
+    ModelRow("2.0", "internvl2_76b_hermes2_llama3_70b",
+             "InternVL2-Llama3-76B (InternViT-6B + Hermes-2-Theta-Llama-3-70B)", "llama",
+             "./pretrained/InternVL2-Llama3-76B", "internlm2-chat", 1, "2e-5", "0.05", "0.4",
+             "zero_stage3_config_100b.json", gpus_full=32, gpus_lora=8, official_srun=True),
+    ModelRow("2.5", "internvl2_5_1b", "InternVL2.5-1B (InternViT-300M + Qwen2.5-0.5B-Instruct)", "qwen2",
+             "OpenGVLab/InternVL2_5-1B", "internvl2_5", 4, "4e-5", "0.01", "0.1", "zero_stage1_config.json"),
+    ModelRow("2.5", "internvl2_5_2b", "InternVL2.5-2B (InternViT-300M + InternLM2.5-1.8B-Chat)", "internlm2",
+             "OpenGVLab/InternVL2_5-2B", "internvl2_5", 4, "4e-5", "0.01", "0.1", "zero_stage1_config.json"),
+    ModelRow("2.5", "internvl2_5_4b", "InternVL2.5-4B (InternViT-300M + Qwen2.5-3B-Instruct)", "qwen2",
+             "OpenGVLab/InternVL2_5-4B", "internvl2_5", 4, "4e-5", "0.01", "0.1", "zero_stage1_config.json"),
+    ModelRow("2.5", "internvl2_5_8b", "InternVL2.5-8B (InternViT-300M + InternLM2.5-7B-Chat)", "internlm2",
+             "OpenGVLab/InternVL2_5-8B", "internvl2_5", 4, "4e-5", "0.05", "0.1", "zero_stage1_config.json"),
+    ModelRow("2.5", "internvl2_5_26b", "InternVL2.5-26B (InternViT-6B + InternLM2.5-20B-Chat)", "internlm2",
+             "OpenGVLab/InternVL2_5-26B", "internvl2_5", 2, "2e-5", "0.05", "0.4", "zero_stage3_config.json"),
+    ModelRow("2.5", "internvl2_5_38b", "InternVL2.5-38B (InternViT-6B + Qwen2.5-32B-Instruct)", "qwen2",
+             "OpenGVLab/InternVL2_5-38B", "internvl2_5", 2, "2e-5", "0.05", "0.4", "zero_stage3_config_34b.json",
+             gpus_full=16, official_srun=True),
+    ModelRow("2.5", "internvl2_5_78b", "InternVL2.5-78B (InternViT-6B + Qwen2.5-72B-Instruct)", "qwen2",
+             "OpenGVLab/InternVL2_5-78B", "internvl2_5", 1, "2e-5", "0.05", "0.4", "zero_stage3_config_100b.json",
+             gpus_full=32, gpus_lora=8, official_srun=True),
+)
+# fmt: on
+
+MODES = ("full", "lora")
+BATCH_SIZE = {"full": 128, "lora": 16}
+LORA_RANK = 16
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """One generated script: its path and every setting it carries."""
+
+    row: ModelRow
+    mode: str
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.row.family]
+
+    @property
+    def stem(self) -> str:
+        return f"{self.row.name}_dynamic_res_2nd_finetune_{self.mode}"
+
+    @property
+    def path(self) -> str:  # relative to the repository root
+        return f"shell/{self.family.folder}/2nd_finetune/{self.stem}.sh"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The variables the script sets when the environment does not."""
+        gpus = self.row.gpus_full if self.mode == "full" else self.row.gpus_lora
+        return {
+            "GPUS": str(gpus),
+            "BATCH_SIZE": str(BATCH_SIZE[self.mode]),
+            "PER_DEVICE_BATCH_SIZE": str(self.row.per_device),
+            "MODEL": self.row.model,
+            "OUTPUT_DIR": f"{self.family.work_dir}/{self.stem}",
+            "DEEPSPEED": self.row.deepspeed,
+        }
+
+    @property
+    def flags(self) -> list[tuple[str, str]]:
+        """Model-specific finetune flags, in the order written; shell/launch.sh adds the common ones."""
+        fam = self.family
+        out = [("--conv_style", self.row.conv_style)]
+        out += list(zip(fam.extra_flags[::2], fam.extra_flags[1::2]))
+        out += [("--max_dynamic_patch", str(fam.max_dynamic_patch)), ("--max_seq_length", str(fam.max_seq_length))]
+        if self.mode == "full":
+            out += [("--freeze_llm", "False"), ("--freeze_mlp", "False"), ("--freeze_backbone", "True"),
+                    ("--drop_path_rate", self.row.drop_path_full)]
+        else:
+            out += [("--freeze_llm", "True"), ("--freeze_mlp", "True"), ("--freeze_backbone", "True"),
+                    ("--use_llm_lora", str(LORA_RANK)), ("--drop_path_rate", "0.0")]
+        out += [("--learning_rate", self.row.learning_rate), ("--weight_decay", self.row.weight_decay)]
+        limit = fam.save_total_limit_full if self.mode == "full" else 1
+        if limit != 1:  # launch.sh passes --save_total_limit 1
+            out.append(("--save_total_limit", str(limit)))
+        return out
+
+    def render(self) -> str:
+        env = self.env
+        acc = int(env["BATCH_SIZE"]) // (int(env["PER_DEVICE_BATCH_SIZE"]) * int(env["GPUS"]))
+        what = (
+            "full fine-tune of the MLP projector and the LLM (ViT frozen)"
+            if self.mode == "full"
+            else f"LoRA (rank {LORA_RANK}) on the LLM, everything else frozen"
+        )
+        lines = [
+            "#!/bin/sh",
+            f"# {self.row.title}: {what}.",
+            f"# Official defaults: {env['GPUS']} GPUs x {env['PER_DEVICE_BATCH_SIZE']} per GPU x {acc} accumulation"
+            f" = batch {env['BATCH_SIZE']}, {env['DEEPSPEED'].removesuffix('.json')}.",
+        ]
+        if self.mode == "full" and self.row.official_srun:
+            nodes = self.row.gpus_full // 8
+            lines.append(f"# Needs {nodes} nodes of 8 GPUs: PARTITION=<slurm partition> sh {self.path}")
+            lines.append(f"# (or GPUS=8 NNODES={nodes} NODE_RANK=<n> MASTER_ADDR=<node 0> on each node).")
+        else:
+            lines.append(f"#   GPUS={env['GPUS']} PER_DEVICE_BATCH_SIZE=1 sh {self.path} [--finetune_flag value ...]")
+        lines += [
+            "# Every variable below can be set from the environment; the rest is in shell/launch.sh.",
+            "# Generated by tools/make_launchers.py from its settings table: edit the table, then re-run it.",
+        ]
+        lines += [f'export {key}="${{{key}:-{value}}}"' for key, value in env.items()]
+        flag_lines = [" ".join(pair) for pair in self.flags]
+        body = ' \\\n  '.join(['exec sh "$(dirname "$0")/../../launch.sh"', *flag_lines, '"$@"'])
+        return "\n".join(lines) + "\n" + body + "\n"
+
+
+def all_launchers() -> list[Launcher]:
+    return [Launcher(row, mode) for row in MODELS for mode in MODES]
+
+
+def expected_files() -> dict[str, str]:
+    """Repository-relative path -> exact text of every generated script."""
+    return {launcher.path: launcher.render() for launcher in all_launchers()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file differs or is missing")
+    parser.add_argument("--root", default=str(REPO), help="repository root to write under")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    stale = []
+    for rel, text in expected_files().items():
+        path = root / rel
+        if path.is_file() and path.read_text() == text:
+            continue
+        stale.append(rel)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            path.chmod(0o755)
+    if args.check:
+        for rel in stale:
+            print(f"out of date: {rel} (run python tools/make_launchers.py)", file=sys.stderr)
+        return 1 if stale else 0
+    print(f"{len(stale)} of {len(expected_files())} launchers written under {root / 'shell'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
