@@ -49,7 +49,7 @@ def dist_info(environ: dict | None = None) -> DistInfo:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistInfo(
-            "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+            env.get("INTERNVL_LAUNCHER", "torchrun"), int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
             int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
@@ -63,7 +63,8 @@ def setup_environment(environ: dict | None = None) -> DistInfo:
     """Translate a Slurm task's variables into the torchrun ones (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
     env = os.environ if environ is None else environ
     info = dist_info(env)
-    if info.launcher == "slurm":
+    if info.launcher == "slurm" and env.get("INTERNVL_LAUNCHER") != "slurm":
+        env["INTERNVL_LAUNCHER"] = "slurm"  # remembered after the torchrun variables below exist
         env["RANK"] = str(info.rank)
         env["WORLD_SIZE"] = str(info.world_size)
         env["LOCAL_RANK"] = str(info.local_rank)

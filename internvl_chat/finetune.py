@@ -246,6 +246,22 @@ def start_summary(model_args, data_args, training_args, dataset, plan) -> str:
     return "\n".join(lines)
 
 
+def log_bad_data_summary(tracker) -> None:
+    """Every rank saw its own share of the data: add the counts up before reporting."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        counts = torch.tensor([tracker.good, tracker.bad], dtype=torch.long, device=device)
+        dist.all_reduce(counts)
+        good, bad = counts.tolist()
+        if dist.get_rank() == 0:
+            logger.info("bad data: %d of %d samples (all ranks) skipped; rank 0 detail:\n%s", bad, good + bad,
+                        tracker.summary())
+        return
+    logger.info("%s", tracker.summary())
+
+
 def main(argv: list[str] | None = None) -> str:
     """Run one fine-tuning job; returns the output directory."""
     setup_environment()
@@ -280,7 +296,7 @@ def main(argv: list[str] | None = None) -> str:
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
-    logger.info("%s", trainer.bad_data.summary())
+    log_bad_data_summary(trainer.bad_data)
     if trainer.is_world_process_zero():
         logger.info("checkpoint written to %s", training_args.output_dir)
     return training_args.output_dir

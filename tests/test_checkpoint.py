@@ -194,3 +194,14 @@ def test_chat_on_every_family(tiny_dirs, llm):
     # batch rows equal single-question chats (left padding must not change greedy results)
     single = model.chat(tok, pixels[1:], "<image>\nb?", gen)
     assert batch[1] == single
+
+
+def test_weight_files_follow_the_umask(tiny_dirs, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        InternVLChatModel.from_pretrained(tiny_dirs["qwen2"]).save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "model.safetensors").st_mode & 0o777) == oct(0o644)

@@ -20,6 +20,7 @@ def test_slurm_task_is_translated_to_torchrun_variables():
         "slurm", 5, 16, 1, 8)
     assert env["RANK"] == "5" and env["WORLD_SIZE"] == "16" and env["LOCAL_RANK"] == "1"
     assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "29500"
+    assert dist_info(env).launcher == "slurm"  # still known as a Slurm job once the torchrun variables exist
 
 
 def test_sbatch_shell_with_one_task_is_not_distributed():

@@ -15,6 +15,7 @@ Differences from the official model, on purpose:
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from typing import Any
 
@@ -232,6 +233,17 @@ class InternVLChatModel(PreTrainedModel):
         kwargs.setdefault("use_safetensors", True)
         kwargs.setdefault("local_files_only", True)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, then give the weight files the permissions the user's umask asks for (safetensors
+        writes them 0600, which hides checkpoints from colleagues on a shared cluster)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            umask = os.umask(0)
+            os.umask(umask)
+            for name in os.listdir(save_directory):
+                if name.endswith(".safetensors"):
+                    os.chmod(os.path.join(save_directory, name), 0o666 & ~umask)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
