@@ -34,7 +34,7 @@ from ..constants import (
     IMG_START_TOKEN,
 )
 from .configuration import InternVLChatConfig, llm_classes, llm_family
-from .vision import InternVisionModel
+from .vision import InternVisionModel, init_linear_and_norm
 
 _NO_SPLIT = ["InternVisionEncoderLayer", "LlamaDecoderLayer", "InternLM2DecoderLayer", "Phi3DecoderLayer",
              "Qwen2DecoderLayer"]
@@ -247,14 +247,7 @@ class InternVLChatModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = getattr(self.config.llm_config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
-            module.weight.normal_(mean=0.0, std=std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
+        init_linear_and_norm(module, getattr(self.config.llm_config, "initializer_range", 0.02))
 
     # --- embeddings passthrough (resize_token_embeddings, peft, generation utilities) ------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -487,10 +480,25 @@ class InternVLChatModel(PreTrainedModel):
             kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         return kwargs
 
-    def _decode(self, tokenizer, ids: torch.Tensor) -> list[str]:
+    def _answer(self, tokenizer, pixel_values, prompts: list[str], generation_config) -> list[str]:
+        """Tokenize the prompts (left-padded as a batch), generate, decode up to the template's stop string."""
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = padding_side
+        device = self.language_model.get_input_embeddings().weight.device
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=device, dtype=self.vision_model.dtype)
+        output = self.generate(
+            pixel_values=pixel_values,
+            input_ids=inputs["input_ids"].to(device),
+            attention_mask=inputs["attention_mask"].to(device),
+            **self._generation_kwargs(tokenizer, generation_config),
+        )
         stop = self._template().stop_str
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return [text.split(stop)[0].strip() for text in texts]
+        return [text.split(stop)[0].strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     def chat(
         self,
@@ -520,17 +528,7 @@ class InternVLChatModel(PreTrainedModel):
         prompt = self.build_prompt(
             question, history, num_patches_list, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN
         )
-        inputs = tokenizer(prompt, return_tensors="pt")
-        device = self.language_model.get_input_embeddings().weight.device
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(device=device, dtype=self.vision_model.dtype)
-        output = self.generate(
-            pixel_values=pixel_values,
-            input_ids=inputs["input_ids"].to(device),
-            attention_mask=inputs["attention_mask"].to(device),
-            **self._generation_kwargs(tokenizer, generation_config),
-        )
-        response = self._decode(tokenizer, output)[0]
+        response = self._answer(tokenizer, pixel_values, [prompt], generation_config)[0]
         history = list(history or []) + [(question, response)]
         if verbose:
             shown = prompt.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "")
@@ -576,22 +574,7 @@ class InternVLChatModel(PreTrainedModel):
             prompts.append(
                 self.build_prompt(question, None, patches, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
             )
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = padding_side
-        device = self.language_model.get_input_embeddings().weight.device
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(device=device, dtype=self.vision_model.dtype)
-        output = self.generate(
-            pixel_values=pixel_values,
-            input_ids=inputs["input_ids"].to(device),
-            attention_mask=inputs["attention_mask"].to(device),
-            **self._generation_kwargs(tokenizer, generation_config),
-        )
-        responses = self._decode(tokenizer, output)
+        responses = self._answer(tokenizer, pixel_values, prompts, generation_config)
         if verbose:
             for question, response in zip(questions, responses):
                 print(f"User: {question}\nAssistant: {response}")

@@ -36,6 +36,22 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
+@torch.no_grad()
+def init_linear_and_norm(module: nn.Module, std: float) -> bool:
+    """Normal(0, std) weights and zero biases for linear/conv layers, identity norms; True if `module` was one."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        module.weight.normal_(mean=0.0, std=std)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, (nn.LayerNorm, InternVLVisionRMSNorm)):
+        module.weight.fill_(1.0)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+    else:
+        return False
+    return True
+
+
 def _norm(config: InternVisionConfig) -> nn.Module:
     if config.norm_type == "rms_norm":
         return InternVLVisionRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -164,16 +180,9 @@ class InternVisionPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.weight.normal_(mean=0.0, std=std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
-        elif isinstance(module, InternVLVisionRMSNorm):
-            module.weight.fill_(1.0)
-        elif isinstance(module, InternVisionEmbeddings):
+        if init_linear_and_norm(module, std):
+            return
+        if isinstance(module, InternVisionEmbeddings):
             module.class_embedding.normal_(mean=0.0, std=std)
             module.position_embedding.normal_(mean=0.0, std=std)
         elif isinstance(module, InternVisionEncoderLayer):
