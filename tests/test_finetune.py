@@ -237,3 +237,48 @@ def test_qlora_trains_saves_and_merges(workdir):
     assert torch.equal(base["mlp1.1.weight"], result["mlp1.1.weight"])  # frozen parts untouched
     assert json.loads((merged / "config.json").read_text()).get("quantization_config") is None
     InternVLChatModel.from_pretrained(merged)
+
+
+def test_arguments_from_a_json_file(workdir, tmp_path):
+    root, meta = workdir
+    out = tmp_path / "json_run"
+    argv = base_args(root / "qwen2", meta, out, "--freeze_backbone", "True", "--max_steps", "1")
+    args = {}
+    for key, value in zip(argv[::2], argv[1::2]):
+        args[key.lstrip("-")] = {"True": True, "False": False}.get(value, value)
+    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "seed",
+                "max_dynamic_patch", "max_seq_length", "force_image_size", "dataloader_num_workers"):
+        args[key] = int(args[key])
+    for key in ("learning_rate", "weight_decay", "down_sample_ratio"):
+        args[key] = float(args[key])
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(args))
+    main([str(path)])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_killed_run_resumes_to_the_same_weights(workdir):
+    """SIGKILL a real run right after its first checkpoint is complete, start it again, compare weights."""
+    import signal
+    import time
+
+    root, meta = workdir
+    common = ["--freeze_backbone", "True", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2"]
+    straight = root / "kill_straight"
+    main(base_args(root / "qwen2", meta, straight, *common))
+    out = root / "kill_resumed"
+    cmd = [sys.executable, "-m", "internvl_chat.finetune", *base_args(root / "qwen2", meta, out, *common)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2" / "internvl_chat_complete.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "trainer_state.json").exists() or proc.returncode != 0
+    subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    a, b = read_weights(straight), read_weights(out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
