@@ -9,6 +9,7 @@ official-style `LAUNCHER=slurm` default: the launcher is detected from the envir
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -45,6 +46,17 @@ def _first_slurm_host(nodelist: str) -> str:
         return head
 
 
+def tasks_on_node(spec: str, node_id: int) -> int:
+    """This node's task count from Slurm's compressed per-node list: "8(x2),4" means 8, 8, 4 (0 if unreadable)."""
+    counts: list[int] = []
+    for part in filter(None, spec.split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return 0
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[node_id] if 0 <= node_id < len(counts) else 0
+
+
 def dist_info(environ: dict | None = None) -> DistInfo:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -54,7 +66,8 @@ def dist_info(environ: dict | None = None) -> DistInfo:
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
         ntasks = int(env["SLURM_NTASKS"])
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or ntasks
+        spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+        local_world = tasks_on_node(spec, int(env.get("SLURM_NODEID", 0) or 0)) or ntasks
         return DistInfo("slurm", int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)), local_world)
     return DistInfo("none", 0, 1, 0, 1)
 

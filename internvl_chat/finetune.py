@@ -187,6 +187,7 @@ def build_data(data_args: DataTrainingArguments, training_args: TrainingArgument
         min_dynamic_patch=data_args.min_dynamic_patch,
         max_dynamic_patch=data_args.max_dynamic_patch,
         pad2square=data_args.pad2square,
+        normalize_type=data_args.normalize_type,
         max_seq_length=data_args.max_seq_length,
         min_num_frame=data_args.min_num_frame,
         max_num_frame=data_args.max_num_frame,
@@ -223,6 +224,27 @@ def apply_trainability(model, model_args: ModelArguments):
         model.set_vision_gradient_checkpointing(True)
     logger.info("%s", format_plan(model, plan))
     return plan
+
+
+def keep_fp32_master_weights(model, model_args: ModelArguments, training_args: TrainingArguments) -> torch.dtype | None:
+    """bf16/fp16 without DeepSpeed: trainable weights in float32, computed under autocast.
+
+    DeepSpeed keeps float32 master weights in its optimizer; a plain Trainer/DDP run updates the weights it has, and
+    bf16 weights round away updates of lr 1e-5 size (fp16 gradients cannot even be unscaled). Frozen parts stay in
+    half precision. Returns the dtype the final weights are saved in (None: as they are).
+    """
+    half = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+    if half is None or training_args.deepspeed or model_args.use_qlora:
+        return None
+    upcast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == half:
+            param.data = param.data.float()
+            upcast += param.numel()
+    if upcast:
+        logger.info("no DeepSpeed: %d trainable parameters kept in float32 (master weights), %s autocast; the final "
+                    "weights are saved in %s", upcast, str(half).split(".")[-1], str(half).split(".")[-1])
+    return half
 
 
 def start_summary(model_args, data_args, training_args, dataset, plan) -> str:
@@ -273,6 +295,7 @@ def main(argv: list[str] | None = None) -> str:
     model, tokenizer = load_model_and_tokenizer(model_args, data_args, training_args)
     dataset, collator = build_data(data_args, training_args, model, tokenizer)
     plan = apply_trainability(model, model_args)
+    run_dtype = keep_fp32_master_weights(model, model_args, training_args)
     logger.info("\n%s", start_summary(model_args, data_args, training_args, dataset, plan))
 
     trainer = InternVLTrainer(
@@ -292,6 +315,7 @@ def main(argv: list[str] | None = None) -> str:
         if resume:
             logger.info("resuming from %s (newest complete checkpoint)", resume)
     result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_dtype = run_dtype  # the final weights in the run's precision; checkpoints keep fp32 masters
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

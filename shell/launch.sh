@@ -141,7 +141,9 @@ if [ ! -f "$META_PATH" ]; then
     META_PATH=$REPO/$META_PATH
 fi
 if [ ! -d "$MODEL" ]; then
-    echo "shell/launch.sh: note: MODEL=$MODEL is not a local folder; loading it may try the Hugging Face Hub" >&2
+    [ -d "$REPO/$MODEL" ] || die "MODEL=$MODEL is not a local folder. Training never downloads: fetch the checkpoint first \
+(e.g. huggingface-cli download OpenGVLab/$(basename "$MODEL") --local-dir pretrained/$(basename "$MODEL")) and set MODEL to that folder"
+    MODEL=$REPO/$MODEL
 fi
 
 # ---- GPU or CPU ----

@@ -32,3 +32,13 @@ def test_sbatch_shell_with_one_task_is_not_distributed():
 def test_torchrun_inside_slurm_wins():
     info = dist_info({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
     assert info.launcher == "torchrun" and info.rank == 1
+
+
+def test_heterogeneous_tasks_per_node():
+    # 2 nodes of 8 tasks and one of 4: the task on node 2 is in a local world of 4, not a parse error
+    env = {"SLURM_PROCID": "17", "SLURM_NTASKS": "20", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0", "SLURM_NODEID": "2",
+           "SLURM_STEP_TASKS_PER_NODE": "8(x2),4", "SLURM_NODELIST": "gpu[01-03]"}
+    info = dist_info(env)
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (17, 20, 1, 4)
+    env["SLURM_NODEID"] = "1"
+    assert dist_info(env).local_world_size == 8

@@ -284,3 +284,41 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
     a, b = read_weights(straight), read_weights(out)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_resume_in_a_later_epoch_with_length_grouping(workdir):
+    """group_by_length (the launchers' default): a run resumed in its second epoch sees that epoch's order."""
+    root, meta = workdir
+    small = root / "small_meta_epochs.json"
+    entry = json.loads(Path(meta).read_text())
+    entry["demo_shapes"]["repeat_time"] = 0.25
+    small.write_text(json.dumps(entry))
+    common = ["--freeze_backbone", "True", "--group_by_length", "True", "--save_strategy", "steps",
+              "--save_steps", "1", "--max_steps", "7"]
+    straight = root / "epochs_straight"
+    main(base_args(root / "qwen2", small, straight, *common))
+    state = json.loads((straight / "trainer_state.json").read_text())
+    per_epoch = round(state["global_step"] / state["epoch"])
+    assert per_epoch < 7, "the run must cross an epoch"
+    resume_at = per_epoch + 1  # a checkpoint inside the second epoch
+    resumed = root / "epochs_resumed"
+    main(base_args(root / "qwen2", small, resumed, *common[:-1], str(resume_at)))
+    main(base_args(root / "qwen2", small, resumed, *common))
+    a, b = read_weights(straight), read_weights(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_bf16_without_deepspeed_keeps_fp32_master_weights(workdir):
+    """Plain bf16 weights would round away updates this small; checkpoints keep fp32 masters, the final save is bf16."""
+    root, meta = workdir
+    out = root / "bf16_master"
+    main(base_args(root / "qwen2", meta, out, "--freeze_backbone", "True", "--bf16", "True", "--learning_rate", "1e-5",
+                   "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"))
+    base, ckpt, final = read_weights(root / "qwen2"), read_weights(out / "checkpoint-2"), read_weights(out)
+    key = "language_model.model.layers.0.mlp.down_proj.weight"
+    assert ckpt[key].dtype == torch.float32 and ckpt["vision_model.embeddings.patch_embedding.weight"].dtype \
+        == torch.bfloat16
+    assert not torch.equal(ckpt[key], base[key].to(torch.bfloat16).float()), "the update was rounded away"
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -99,6 +99,8 @@ class Fakes:
         self.records.mkdir()
         for name in ("python", "srun"):
             self.script(name, FAKE_RECORDER.format(name=name))
+        for launcher in LAUNCHERS:  # the launchers refuse a MODEL that is not a local folder
+            (root / launcher.env["MODEL"]).mkdir(parents=True, exist_ok=True)
 
     def script(self, name: str, text: str) -> None:
         path = self.bin / name
@@ -315,7 +317,17 @@ def test_launch_sh_needs_a_model(fakes: Fakes):
     assert result.returncode == 2 and "MODEL" in result.stderr
 
 
+def test_launch_sh_refuses_a_model_that_is_not_a_folder(fakes: Fakes):
+    """Training never downloads: a hub id or a missing ./pretrained folder stops before torchrun starts."""
+    for model in ("OpenGVLab/InternVL2_5-8B-not-here", "./pretrained/InternVL2-1B-not-here"):
+        result = fakes.run(REPO / E2E_SCRIPT, MODEL=model)
+        assert result.returncode == 2 and f"MODEL={model} is not a local folder" in result.stderr
+        assert "huggingface-cli download OpenGVLab/" in result.stderr
+        assert fakes.argv("python") is None
+
+
 def test_launch_sh_alone_has_safe_defaults(fakes: Fakes):
+    (fakes.root / "m").mkdir()
     result = fakes.run(LAUNCH, "--conv_style", "Hermes-2", MODEL="m")
     assert result.returncode == 0, result.stderr
     options, args = split_torchrun(fakes.argv("python"))
@@ -323,7 +335,6 @@ def test_launch_sh_alone_has_safe_defaults(fakes: Fakes):
     assert options["nproc_per_node"] == "1"
     assert (flags["--gradient_accumulation_steps"], flags["--output_dir"]) == ("1", "work_dirs/finetune")
     assert "--deepspeed" not in flags and flags["--conv_style"] == "Hermes-2"
-    assert "MODEL=m is not a local folder" in result.stderr
 
 
 def test_extra_args_pass_through_and_win(fakes: Fakes):
@@ -458,6 +469,7 @@ while [ "${1#-}" != "$1" ]; do shift; done
 SLURM_NODEID=1 exec "$@"
 """)
     result = fakes.run(SBATCH, "--max_steps", "3", cwd=tmp_path, SCRIPT=E2E_SCRIPT, SLURM_SUBMIT_DIR=str(REPO),
+                       MODEL=str(fakes.root / BY_PATH[E2E_SCRIPT].env["MODEL"]),
                        SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4",
                        SLURM_CPUS_PER_TASK="16", PARTITION="must-be-ignored", OUTPUT_DIR=str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from ..data.errors import BadDataTracker
 from .plan import component_of
@@ -64,6 +64,24 @@ class _EpochToDataset(TrainerCallback):
         dataset = self.trainer.train_dataset
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(math.floor((state.epoch or 0) + 1e-6))
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from `seed + epoch`, so epoch k has the same order in a resumed run as in an
+    uninterrupted one (transformers' sampler draws every epoch from one generator seeded once, so a run resumed in
+    epoch k replays epoch 0's order). The Trainer calls `set_epoch` at the start of every epoch, resumed ones too."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class InternVLTrainer(Trainer):
@@ -112,8 +130,7 @@ class InternVLTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            generator = torch.Generator().manual_seed(self.args.data_seed or self.args.seed)
-            return LengthGroupedSampler(batch, lengths=list(dataset.lengths), generator=generator)
+            return EpochLengthGroupedSampler(batch, list(dataset.lengths), self.args.data_seed or self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     # --- optimizer: per-component learning rates ---------------------------------------------------------------
@@ -155,7 +172,16 @@ class InternVLTrainer(Trainer):
         super().log(logs, start_time) if start_time is not None else super().log(logs)
 
     # --- saving -------------------------------------------------------------------------------------------------
+    save_dtype: torch.dtype | None = None  # set for the final save: float32 master weights go out in this dtype
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if state_dict is None and self.save_dtype is not None:
+            cast: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
+            state_dict = {}
+            for name, t in self.accelerator.unwrap_model(self.model).state_dict().items():
+                if t.is_floating_point():
+                    t = cast.setdefault(t.data_ptr(), t.to(self.save_dtype))
+                state_dict[name] = t
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save and self.base_model_dir and os.path.isdir(self.base_model_dir):
