@@ -523,3 +523,23 @@ def test_truncation(template_name):
     assert issubclass(SampleTooLongError, ValueError)
     with pytest.raises(ValueError, match="max_length"):
         tokenize_conversation(MULTI_IMAGE, template_name, tok, None, max_length=0, text_only=True)
+
+
+@pytest.mark.parametrize("flavour", ["bos", "qwen2"])
+def test_empty_messages_render_as_the_bare_role_in_whole_prompt_templates(flavour):
+    """internlm2-chat (stripped messages): an empty turn is its role header alone, as the official prompt writes it;
+    an empty reply supervises nothing and the other replies keep their labels."""
+    tok = tokenizer(flavour)
+    system = get_template("internlm2-chat").system_message
+    head = "<|im_start|>system\n" + system + "<|im_end|>"
+    cases = [
+        ([("human", "  "), ("gpt", "A")], head + "<|im_start|>user\n<|im_start|>assistant\nA<|im_end|>", ["A<|im_end|>"]),
+        ([("human", "Q1"), ("gpt", "\t"), ("human", "Q2"), ("gpt", "A2")],
+         head + "<|im_start|>user\nQ1<|im_end|><|im_start|>assistant\n<|im_start|>user\nQ2<|im_end|>"
+         "<|im_start|>assistant\nA2<|im_end|>", ["A2<|im_end|>"]),
+    ]
+    for turns, prompt, supervised in cases:
+        out = tokenize_conversation([{"from": r, "value": v} for r, v in turns], "internlm2-chat", tok, None,
+                                    text_only=True)
+        assert out["input_ids"] == tok(prompt)["input_ids"]
+        assert tok.decode([t for t in out["labels"] if t != -100]) == "".join(supervised)

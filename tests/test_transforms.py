@@ -203,6 +203,15 @@ def test_16_bit_images_are_scaled_not_clipped():
     assert official[0, :, 0].tolist() == [0, 128, 129, 255, 255, 255]
 
 
+def test_8_bit_data_in_a_16_bit_container_is_kept():
+    # a 16-bit PNG holding 0..255 (some converters write those) must not turn black
+    levels = np.array([[0, 17, 128, 255]], dtype=np.uint16)
+    image = Image.fromarray(levels)
+    assert image.mode == "I;16"
+    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 17, 128, 255]
+    assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB")))
+
+
 def test_16_bit_png_file_round_trip(tmp_path):
     levels = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)
     Image.fromarray(levels).save(tmp_path / "deep.png")

@@ -48,8 +48,15 @@ all -100 labels, in the cases below. We never return a sample without a supervis
   and so does a sample whose supervised tokens are all cut away (official: a silent all -100 sample).
 - No padding here (official: padded to ``model_max_length`` when neither ``group_by_length`` nor packing was on);
   padding belongs to the collator. The tokenizer's ``padding_side`` is never changed (official ``phi3`` forced right).
-- An empty-string message renders as ``role + "" + sep``; only ``None`` renders as the bare role (official
-  ``get_prompt`` treated any falsy message as a generation slot).
+- An empty message (after ``internlm2-chat``'s strip) is written as the bare role with no separator by the
+  whole-prompt templates, as the official ``get_prompt`` does (the official ``internlm2-chat`` labels of such samples
+  are clean, and ours equal them); ``internvl2_5`` tokenizes it as ``role + sep``, as its official preprocessing does.
+  An empty reply supervises nothing. :meth:`Template.render` (the chat API) keeps ``""`` as a message and only
+  ``None`` as the generation slot.
+- ``max_length`` cuts of multi-turn samples: the official code skips its mismatch check once a sample reaches the
+  maximum length, so for multi-turn ``phi3-chat``, ``Hermes-2`` with a BOS tokenizer and ``internlm2-chat`` with a
+  no-BOS tokenizer it returns shifted labels without a warning (e.g. ``<|assistant|>`` headers supervised instead of
+  the replies' ends). Ours are the uncut labels cut at ``max_length``: the same ``input_ids``, correct labels.
 - As in the official code, a leading assistant turn (after an optional system turn) is dropped for every template
   except ``internvl2_5``, which keeps and supervises it.
 """
@@ -414,6 +421,8 @@ def tokenize_conversation(
             text = text if rule.images_in_user_turns_only else expand(text, "assistant")
         else:
             text = expand(text, "user")
+        if not text and not rule.per_message:
+            text = None  # the official whole-prompt rendering writes an empty message as its bare role, no separator
         messages.append((tpl.roles[1] if is_assistant else tpl.roles[0], text))
     if pending and rule.images_in_user_turns_only:
         raise ValueError(

@@ -187,6 +187,8 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     if values.size == 0:
         return image
     if image.mode in _SIXTEEN_BIT_MODES:
+        if int(values.max()) <= 255:
+            return image  # 8-bit data in a 16-bit container: the official clip is exact
         return Image.fromarray(_round_div(values, 257))  # 65535 -> 255
     if image.mode == "I":
         lo, hi = int(values.min()), int(values.max())
@@ -230,7 +232,8 @@ def to_rgb(
       to 0..255, which turns a normal 16-bit PNG almost entirely white. Instead, 16-bit values are
       scaled by 255/65535 (rounded), ``I`` data outside 0..65535 is stretched from its min..max,
       and ``F`` data lying in [0, 1] is scaled by 255 (``F`` data on a 0..255 scale is clipped by
-      PIL as before, and ``I`` data already in 0..255 is untouched).
+      PIL as before, and ``I`` or 16-bit data whose values all lie in 0..255 is untouched: that is
+      8-bit data in a wider container, which the official clip converts exactly).
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"to_rgb expects a PIL image, got {type(image).__name__}")
