@@ -205,3 +205,40 @@ def test_weight_files_follow_the_umask(tiny_dirs, tmp_path):
     finally:
         os.umask(old)
     assert oct(os.stat(tmp_path / "model.safetensors").st_mode & 0o777) == oct(0o644)
+
+
+def test_official_loading_keywords(tiny_dirs, tmp_path):
+    """The official eval scripts pass load_in_8bit/load_in_4bit=False and torch_dtype; without a dtype the weights
+    load in float32 (transformers 4 and the official code), whatever the config's torch_dtype says."""
+    bf16 = tmp_path / "bf16"
+    InternVLChatModel.from_pretrained(tiny_dirs["qwen2"], torch_dtype=torch.bfloat16).save_pretrained(bf16)
+    model = InternVLChatModel.from_pretrained(bf16, load_in_8bit=False, load_in_4bit=False, low_cpu_mem_usage=True,
+                                              use_flash_attn=True, trust_remote_code=True)
+    assert model.dtype == torch.float32
+    assert InternVLChatModel.from_pretrained(bf16, torch_dtype="bfloat16").dtype == torch.bfloat16
+    assert InternVLChatModel.from_pretrained(bf16, torch_dtype="auto").dtype == torch.bfloat16
+
+
+def test_phi3_su_rope_follows_the_official_formula(tiny_dirs):
+    """Phi-3 'su' scaling: inv_freq / factor (short below the original context, long above), cos/sin scaled by
+    sqrt(1 + ln(max / original) / ln(original)), as the official Phi3SuScaledRotaryEmbedding computes it."""
+    import math
+
+    model = InternVLChatModel.from_pretrained(tiny_dirs["phi3"])
+    cfg = model.config.llm_config
+    scaling = cfg.rope_scaling if getattr(cfg, "rope_scaling", None) else cfg.rope_parameters
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    base = getattr(cfg, "rope_theta", None) or scaling.get("rope_theta", 10000.0)
+    original, longest = cfg.original_max_position_embeddings, cfg.max_position_embeddings
+    rotary = model.language_model.model.rotary_emb
+    for length in (100, original + 300):
+        factors = torch.tensor(scaling["long_factor"] if length > original else scaling["short_factor"],
+                               dtype=torch.float32)
+        inv_freq = 1.0 / (factors * base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(length).float(), inv_freq)
+        emb = torch.cat([angles, angles], dim=-1)
+        scale = math.sqrt(1 + math.log(longest / original) / math.log(original))
+        positions = torch.arange(length)[None]
+        cos, sin = rotary(torch.zeros(1, length, head_dim), positions)
+        torch.testing.assert_close(cos[0], emb.cos() * scale, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sin[0], emb.sin() * scale, atol=1e-5, rtol=1e-5)

@@ -105,7 +105,7 @@ class InternVisionConfig(PreTrainedConfig):
         self,
         num_channels: int = 3,
         patch_size: int = 14,
-        image_size: int = 448,
+        image_size: int = 224,  # the official default, for a vision_config without the key
         qkv_bias: bool = False,
         hidden_size: int = 3200,
         num_attention_heads: int = 25,

@@ -15,6 +15,7 @@ Differences from the official model, on purpose:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 from typing import Any
@@ -88,6 +89,17 @@ def causal_lm_loss(
         denom = denom / dist.get_world_size()
     # no supervised token: numerator and loss are 0 (no host sync, graph stays connected)
     return (ce * weight).sum() / denom.clamp(min=1e-8)
+
+
+def _config_dtype(path) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json names (``dtype`` or the transformers-4 ``torch_dtype``)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
 
 
 def _flash_attn_usable(dtype: torch.dtype | None) -> bool:
@@ -227,8 +239,21 @@ class InternVLChatModel(PreTrainedModel):
         kwargs.pop("trust_remote_code", None)
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        dtype = kwargs.get("dtype")
+        if dtype is None:  # as transformers 4 and the official code: float32 unless asked (transformers 5: "auto")
+            dtype = kwargs["dtype"] = torch.float32
+        elif isinstance(dtype, str) and dtype != "auto":
+            dtype = kwargs["dtype"] = getattr(torch, dtype.replace("torch.", ""))
+        elif dtype == "auto":
+            dtype = _config_dtype(pretrained_model_name_or_path)
+        # the official evaluation scripts pass these (False unless quantizing); transformers 5 wants a config object
+        load_8bit, load_4bit = kwargs.pop("load_in_8bit", False), kwargs.pop("load_in_4bit", False)
+        if (load_8bit or load_4bit) and kwargs.get("quantization_config") is None:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=bool(load_8bit),
+                                                               load_in_4bit=bool(load_4bit))
         if kwargs.get("attn_implementation") is None:
-            dtype = kwargs.get("dtype")
             kwargs["attn_implementation"] = "flash_attention_2" if use_flash and _flash_attn_usable(dtype) else "sdpa"
         kwargs.setdefault("use_safetensors", True)
         kwargs.setdefault("local_files_only", True)
