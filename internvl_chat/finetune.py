@@ -33,6 +33,23 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+# Official flags of the IterableDataset packer and the resampler, which the planned packing here does not need.
+NO_EFFECT_FLAGS = ("use_data_resampling", "max_buffer_size", "log_freq", "strict_mode", "replacement",
+                   "allow_overflow", "use_liger")
+
+
+def ignored_flags(*arg_groups) -> list[str]:
+    """`--name value` of every official flag that was set away from its default but has no effect here."""
+    import dataclasses
+
+    out = []
+    for args in arg_groups:
+        for f in dataclasses.fields(args):
+            if f.name in NO_EFFECT_FLAGS and getattr(args, f.name) != f.default:
+                out.append(f"--{f.name} {getattr(args, f.name)}")
+    return out
+
+
 def setup(training_args: TrainingArguments) -> None:
     # initialise the process group now: ZeRO-3 partitions weights while they load, which needs it
     _ = training_args.device
@@ -289,6 +306,10 @@ def main(argv: list[str] | None = None) -> str:
     setup_environment()
     model_args, data_args, training_args = parse_args(argv)
     setup(training_args)
+    ignored = ignored_flags(model_args, data_args)
+    if ignored:
+        logger.warning("accepted for compatibility, no effect here (packing is planned, not streamed): %s",
+                       ", ".join(ignored))
     from .data.errors import BadDataTracker
     from .train.trainer import InternVLTrainer, last_complete_checkpoint
 

@@ -92,3 +92,13 @@ def test_outputs_are_official_layout_with_remote_code_and_tensorboard(tiny, tmp_
     lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
     assert lrs[0] < lrs[1]  # warmup_ratio 0.5 of 2 steps: the first step warms up
     InternVLChatModel.from_pretrained(out)
+
+
+def test_flags_without_effect_are_named():
+    from internvl_chat.finetune import ignored_flags, parse_args
+
+    model_args, data_args, _ = parse_args(["--output_dir", "/tmp/x", "--max_buffer_size", "5", "--strict_mode", "False",
+                                           "--use_liger", "True", "--max_dynamic_patch", "6"])
+    assert ignored_flags(model_args, data_args) == ["--use_liger True", "--max_buffer_size 5", "--strict_mode False"]
+    model_args, data_args, _ = parse_args(["--output_dir", "/tmp/x"])
+    assert ignored_flags(model_args, data_args) == []
