@@ -35,6 +35,15 @@ def read_weights(path):
     return out
 
 
+def assert_same_weights(expected, actual, atol=1e-6, rtol=1e-5):
+    """Two checkpoints (directories or read_weights dicts) hold the same tensors."""
+    expected = expected if isinstance(expected, dict) else read_weights(expected)
+    actual = actual if isinstance(actual, dict) else read_weights(actual)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(expected[key], actual[key], atol=atol, rtol=rtol, msg=key)
+
+
 def base_args(model, meta, out, *extra):
     return [
         "--model_name_or_path", str(model), "--meta_path", str(meta), "--output_dir", str(out),
@@ -129,9 +138,7 @@ def test_resume_reproduces_uninterrupted_run(workdir):
     main(base_args(root / "qwen2", meta, resumed, *common, "--max_steps", "4"))  # auto-resumes from checkpoint-2
     state = json.loads((resumed / "trainer_state.json").read_text())
     assert state["global_step"] == 4
-    a, b = read_weights(straight), read_weights(resumed)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert_same_weights(straight, resumed)
     # rotation kept only the newest complete checkpoint
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-4"]
 
@@ -172,19 +179,13 @@ def single_run(workdir):
     return read_weights(out)
 
 
-def _assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4, msg=key)
-
-
 def test_two_process_ddp_equals_single_process(workdir, single_run):
     """2 ranks x batch 1 == 1 process x batch 2 (the loss denominator is averaged over ranks)."""
     root, meta = workdir
     ddp = root / "ddp"
     _torchrun(2, base_args(root / "qwen2", meta, ddp, "--freeze_backbone", "True", "--max_steps", "2",
                            "--per_device_train_batch_size", "1", "--loss_reduction_all_gather", "True"))
-    _assert_same_weights(single_run, read_weights(ddp))
+    assert_same_weights(single_run, ddp, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("config", ["zero_stage2_config.json", "zero_stage3_config.json",
@@ -198,7 +199,7 @@ def test_deepspeed_zero(workdir, single_run, config):
     _torchrun(2, base_args(root / "qwen2", meta, out, "--freeze_backbone", "True", "--max_steps", "2",
                            "--per_device_train_batch_size", "1", "--loss_reduction_all_gather", "True",
                            "--deepspeed", str(REPO / config)))
-    _assert_same_weights(single_run, read_weights(out))
+    assert_same_weights(single_run, out, atol=2e-5, rtol=1e-4)
     model = InternVLChatModel.from_pretrained(out)
     assert model.config.template == "internvl2_5"
 
@@ -281,9 +282,7 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
     assert not (out / "trainer_state.json").exists() or proc.returncode != 0
     subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
-    a, b = read_weights(straight), read_weights(out)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert_same_weights(straight, out)
 
 
 def test_resume_in_a_later_epoch_with_length_grouping(workdir):
@@ -304,9 +303,7 @@ def test_resume_in_a_later_epoch_with_length_grouping(workdir):
     resumed = root / "epochs_resumed"
     main(base_args(root / "qwen2", small, resumed, *common[:-1], str(resume_at)))
     main(base_args(root / "qwen2", small, resumed, *common))
-    a, b = read_weights(straight), read_weights(resumed)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert_same_weights(straight, resumed)
 
 
 def test_bf16_without_deepspeed_keeps_fp32_master_weights(workdir):
