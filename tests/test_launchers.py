@@ -727,3 +727,48 @@ def test_sbatch_template_on_local_slurm(partition: str, tiny_models, tmp_path: P
     assert result.returncode == 0, result.stderr + (job_log.read_text() if job_log.exists() else "")
     assert "--nproc_per_node=2" in (out / "training_log.txt").read_text()
     assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
+
+
+# The official 2nd-finetune settings, transcribed from the compatibility spec (internvl-official.md section 1.2):
+# script stem -> (conv_style, GPUS full/lora, PER_DEVICE, drop_path full, lr, weight_decay, max_seq_length,
+# DeepSpeed config).
+OFFICIAL_SETTINGS = {
+    "internvl2.0/2nd_finetune/internvl2_1b_qwen2_0_5b": ("Hermes-2", 8, 2, 4, 0.1, "4e-5", "0.01", 4096, "zero_stage1_config.json"),
+    "internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b": ("internlm2-chat", 8, 2, 4, 0.1, "4e-5", "0.01", 4096,
+                                                           "zero_stage1_config.json"),
+    "internvl2.0/2nd_finetune/internvl2_4b_phi3_3_8b": ("phi3-chat", 8, 2, 4, 0.1, "4e-5", "0.01", 4096, "zero_stage1_config.json"),
+    "internvl2.0/2nd_finetune/internvl2_8b_internlm2_7b": ("internlm2-chat", 8, 2, 4, 0.1, "4e-5", "0.05", 4096,
+                                                         "zero_stage1_config.json"),
+    "internvl2.0/2nd_finetune/internvl2_26b_internlm2_20b": ("internlm2-chat", 8, 2, 2, 0.4, "2e-5", "0.05", 4096,
+                                                           "zero_stage3_config.json"),
+    "internvl2.0/2nd_finetune/internvl2_40b_hermes2_yi_34b": ("Hermes-2", 16, 2, 2, 0.4, "2e-5", "0.05", 4096,
+                                                            "zero_stage3_config_34b.json"),
+    "internvl2.0/2nd_finetune/internvl2_76b_hermes2_llama3_70b": ("internlm2-chat", 32, 8, 1, 0.4, "2e-5", "0.05", 4096,
+                                                                "zero_stage3_config_100b.json"),
+    **{f"internvl2.5/2nd_finetune/internvl2_5_{size}": ("internvl2_5", 8, 2, 4, 0.1, "4e-5", "0.01", 8192,
+                                                         "zero_stage1_config.json") for size in ("1b", "2b", "4b")},
+    "internvl2.5/2nd_finetune/internvl2_5_8b": ("internvl2_5", 8, 2, 4, 0.1, "4e-5", "0.05", 8192, "zero_stage1_config.json"),
+    "internvl2.5/2nd_finetune/internvl2_5_26b": ("internvl2_5", 8, 2, 2, 0.4, "2e-5", "0.05", 8192, "zero_stage3_config.json"),
+    "internvl2.5/2nd_finetune/internvl2_5_38b": ("internvl2_5", 16, 2, 2, 0.4, "2e-5", "0.05", 8192, "zero_stage3_config_34b.json"),
+    "internvl2.5/2nd_finetune/internvl2_5_78b": ("internvl2_5", 32, 8, 1, 0.4, "2e-5", "0.05", 8192, "zero_stage3_config_100b.json"),
+}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("stem", sorted(OFFICIAL_SETTINGS))
+def test_launcher_files_carry_the_official_settings(stem: str, mode: str):
+    """Read the shipped script itself (not the generator's table) and compare it with the spec's table."""
+    conv, gpus_full, gpus_lora, per_device, drop_path, lr, wd, max_len, zero = OFFICIAL_SETTINGS[stem]
+    text = (SHELL / f"{stem}_dynamic_res_2nd_finetune_{mode}.sh").read_text()
+    env = dict(re.findall(r'^export (\w+)="\$\{\w+:-([^}]*)\}"$', text, flags=re.M))
+    flags = dict(re.findall(r"^\s+(--\w+) (\S+) \\$", text, flags=re.M))
+    assert env["GPUS"] == str(gpus_full if mode == "full" else gpus_lora)
+    assert env["BATCH_SIZE"] == ("128" if mode == "full" else "16")
+    assert env["PER_DEVICE_BATCH_SIZE"] == str(per_device)
+    assert env["DEEPSPEED"] == zero
+    assert (flags["--conv_style"], flags["--learning_rate"], flags["--weight_decay"]) == (conv, lr, wd)
+    assert (flags["--max_dynamic_patch"], flags["--max_seq_length"]) == ("6", str(max_len))
+    assert float(flags["--drop_path_rate"]) == (drop_path if mode == "full" else 0.0)
+    assert (flags["--freeze_backbone"], flags["--freeze_llm"], flags["--freeze_mlp"]) == (
+        ("True", "False", "False") if mode == "full" else ("True", "True", "True"))
+    assert flags.get("--use_llm_lora") == (None if mode == "full" else "16")
