@@ -66,7 +66,8 @@ def dist_info(environ: dict | None = None) -> DistInfo:
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
         ntasks = int(env["SLURM_NTASKS"])
-        spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+        spec = next((env[k] for k in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+                     if env.get(k)), "")
         local_world = tasks_on_node(spec, int(env.get("SLURM_NODEID", 0) or 0)) or ntasks
         return DistInfo("slurm", int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)), local_world)
     return DistInfo("none", 0, 1, 0, 1)

@@ -732,25 +732,22 @@ def test_sbatch_template_on_local_slurm(partition: str, tiny_models, tmp_path: P
 # The official 2nd-finetune settings, transcribed from the compatibility spec (internvl-official.md section 1.2):
 # script stem -> (conv_style, GPUS full/lora, PER_DEVICE, drop_path full, lr, weight_decay, max_seq_length,
 # DeepSpeed config).
+_Z1, _Z3, _Z34, _Z100 = ("zero_stage1_config.json", "zero_stage3_config.json", "zero_stage3_config_34b.json",
+                          "zero_stage3_config_100b.json")
+_V2, _V25 = "internvl2.0/2nd_finetune/internvl2_", "internvl2.5/2nd_finetune/internvl2_5_"
 OFFICIAL_SETTINGS = {
-    "internvl2.0/2nd_finetune/internvl2_1b_qwen2_0_5b": ("Hermes-2", 8, 2, 4, 0.1, "4e-5", "0.01", 4096, "zero_stage1_config.json"),
-    "internvl2.0/2nd_finetune/internvl2_2b_internlm2_1_8b": ("internlm2-chat", 8, 2, 4, 0.1, "4e-5", "0.01", 4096,
-                                                           "zero_stage1_config.json"),
-    "internvl2.0/2nd_finetune/internvl2_4b_phi3_3_8b": ("phi3-chat", 8, 2, 4, 0.1, "4e-5", "0.01", 4096, "zero_stage1_config.json"),
-    "internvl2.0/2nd_finetune/internvl2_8b_internlm2_7b": ("internlm2-chat", 8, 2, 4, 0.1, "4e-5", "0.05", 4096,
-                                                         "zero_stage1_config.json"),
-    "internvl2.0/2nd_finetune/internvl2_26b_internlm2_20b": ("internlm2-chat", 8, 2, 2, 0.4, "2e-5", "0.05", 4096,
-                                                           "zero_stage3_config.json"),
-    "internvl2.0/2nd_finetune/internvl2_40b_hermes2_yi_34b": ("Hermes-2", 16, 2, 2, 0.4, "2e-5", "0.05", 4096,
-                                                            "zero_stage3_config_34b.json"),
-    "internvl2.0/2nd_finetune/internvl2_76b_hermes2_llama3_70b": ("internlm2-chat", 32, 8, 1, 0.4, "2e-5", "0.05", 4096,
-                                                                "zero_stage3_config_100b.json"),
-    **{f"internvl2.5/2nd_finetune/internvl2_5_{size}": ("internvl2_5", 8, 2, 4, 0.1, "4e-5", "0.01", 8192,
-                                                         "zero_stage1_config.json") for size in ("1b", "2b", "4b")},
-    "internvl2.5/2nd_finetune/internvl2_5_8b": ("internvl2_5", 8, 2, 4, 0.1, "4e-5", "0.05", 8192, "zero_stage1_config.json"),
-    "internvl2.5/2nd_finetune/internvl2_5_26b": ("internvl2_5", 8, 2, 2, 0.4, "2e-5", "0.05", 8192, "zero_stage3_config.json"),
-    "internvl2.5/2nd_finetune/internvl2_5_38b": ("internvl2_5", 16, 2, 2, 0.4, "2e-5", "0.05", 8192, "zero_stage3_config_34b.json"),
-    "internvl2.5/2nd_finetune/internvl2_5_78b": ("internvl2_5", 32, 8, 1, 0.4, "2e-5", "0.05", 8192, "zero_stage3_config_100b.json"),
+    f"{_V2}1b_qwen2_0_5b": ("Hermes-2", 8, 2, 4, 0.1, "4e-5", "0.01", 4096, _Z1),
+    f"{_V2}2b_internlm2_1_8b": ("internlm2-chat", 8, 2, 4, 0.1, "4e-5", "0.01", 4096, _Z1),
+    f"{_V2}4b_phi3_3_8b": ("phi3-chat", 8, 2, 4, 0.1, "4e-5", "0.01", 4096, _Z1),
+    f"{_V2}8b_internlm2_7b": ("internlm2-chat", 8, 2, 4, 0.1, "4e-5", "0.05", 4096, _Z1),
+    f"{_V2}26b_internlm2_20b": ("internlm2-chat", 8, 2, 2, 0.4, "2e-5", "0.05", 4096, _Z3),
+    f"{_V2}40b_hermes2_yi_34b": ("Hermes-2", 16, 2, 2, 0.4, "2e-5", "0.05", 4096, _Z34),
+    f"{_V2}76b_hermes2_llama3_70b": ("internlm2-chat", 32, 8, 1, 0.4, "2e-5", "0.05", 4096, _Z100),
+    **{f"{_V25}{size}": ("internvl2_5", 8, 2, 4, 0.1, "4e-5", "0.01", 8192, _Z1) for size in ("1b", "2b", "4b")},
+    f"{_V25}8b": ("internvl2_5", 8, 2, 4, 0.1, "4e-5", "0.05", 8192, _Z1),
+    f"{_V25}26b": ("internvl2_5", 8, 2, 2, 0.4, "2e-5", "0.05", 8192, _Z3),
+    f"{_V25}38b": ("internvl2_5", 16, 2, 2, 0.4, "2e-5", "0.05", 8192, _Z34),
+    f"{_V25}78b": ("internvl2_5", 32, 8, 1, 0.4, "2e-5", "0.05", 8192, _Z100),
 }
 
 

@@ -533,7 +533,8 @@ def test_empty_messages_render_as_the_bare_role_in_whole_prompt_templates(flavou
     system = get_template("internlm2-chat").system_message
     head = "<|im_start|>system\n" + system + "<|im_end|>"
     cases = [
-        ([("human", "  "), ("gpt", "A")], head + "<|im_start|>user\n<|im_start|>assistant\nA<|im_end|>", ["A<|im_end|>"]),
+        ([("human", "  "), ("gpt", "A")], head + "<|im_start|>user\n<|im_start|>assistant\nA<|im_end|>",
+         ["A<|im_end|>"]),
         ([("human", "Q1"), ("gpt", "\t"), ("human", "Q2"), ("gpt", "A2")],
          head + "<|im_start|>user\nQ1<|im_end|><|im_start|>assistant\n<|im_start|>user\nQ2<|im_end|>"
          "<|im_start|>assistant\nA2<|im_end|>", ["A2<|im_end|>"]),
