@@ -44,6 +44,8 @@ def read_records(path: str) -> tuple[list[dict], list[int]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise InputFileError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+                except ValueError as err:  # e.g. an integer literal past Python's digit limit
+                    raise InputFileError(f"{path}:{lineno}: invalid JSON ({err})") from None
                 if not isinstance(record, dict):
                     raise InputFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 records.append(record)

@@ -190,6 +190,23 @@ def test_mc_acc_answer_as_text_list_options_and_extras():
     assert (result["n_fallback"], result["n_no_letter"]) == (1, 1)
 
 
+def test_mc_acc_can_infer_refusals_and_api_failure_marker():
+    # Stage 1 (post_process) finds no letter in any of these: the first character is no option letter and no option
+    # text occurs case-sensitively. So VLMEvalKit's can_infer decides.
+    # A refusal phrase ends with no letter although "B" is the last word:
+    assert mc("So: Cannot determine the answer, B") == 0.0
+    # No option letter but a word "Z": the explicit "no answer"; the option text ("blue") is not tried.
+    assert mc("Z Blue") == 0.0
+    # The API-failure marker skips the letter stage and goes straight to the option texts: "B" as the last word
+    # does not count and no option text occurs, so no letter...
+    assert mc("Failed to obtain answer via API B") == 0.0
+    # ...while an option text still decides: "blue" occurs (case-insensitive) and the 36 characters are within
+    # 2 * (3 + 4 + 5 + 6) = 36, so B.
+    assert mc("Failed to obtain answer via API Blue") == 1.0
+    # Without the marker the same shape is read by its last word (B is 7th of 7 words, after position 7 - 5).
+    assert mc("Failed to get an answer here B") == 1.0
+
+
 def test_mc_acc_input_errors():
     with pytest.raises(MetricInputError, match="options") as info:
         compute("mc_acc", [{"prediction": "A", "answer": "A", "options": OPTIONS}, {"prediction": "A", "answer": "A"}])
@@ -236,6 +253,9 @@ def test_pope_figures_per_category_and_overall_f1():
     assert (random_["precision"], random_["recall"], random_["f1"]) == (0.0, 0.0, 0.0)  # no yes: 0, not a crash
     assert result["overall_f1"] == pytest.approx((2 / 3 + 0) / 2)                       # mean of category F1s
     assert result["per_sample"] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    uncategorised = compute("yesno", [{k: v for k, v in r.items() if k != "category"} for r in records])
+    assert "per_category" not in uncategorised
+    assert uncategorised["overall_f1"] == uncategorised["f1"] == pytest.approx(0.5)  # one implicit category
 
 
 def test_pope_labels_other_than_no_are_positive(caplog):
@@ -354,6 +374,11 @@ def test_iou_acc_input_errors():
         compute("iou_acc", [{"prediction": "", "answer": [1, 2, 3], "width": W, "height": H}])
     with pytest.raises(MetricInputError, match="4 numbers"):
         compute("iou_acc", [{"prediction": "", "answer": [1, 2, 3, True], "width": W, "height": H}])
+    # A JSON integer beyond the float range is an input error, not an OverflowError from math.isfinite.
+    with pytest.raises(MetricInputError, match="4 numbers"):
+        compute("iou_acc", [{"prediction": "", "answer": [1, 2, 3, 10 ** 400], "width": W, "height": H}])
+    with pytest.raises(MetricInputError, match="width"):
+        compute("iou_acc", [{"prediction": "", "answer": GT, "width": 10 ** 400, "height": H}])
 
 
 # --- shared input checks ----------------------------------------------------------------------------------------

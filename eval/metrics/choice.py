@@ -18,6 +18,9 @@ Default extraction = the official pipeline, in two stages:
    and shape" B comes too early). Otherwise (no letter, several, or one too early) ``can_infer_text``: if the answer
    is at most twice as long as all option texts together and exactly one option text occurs in it
    (case-insensitive), that option. Otherwise no letter: wrong (VLMEvalKit's "Z" without an LLM judge).
+   Also facts of ``can_infer_option``: one of its refusal phrases, or no option letter but a word "Z", ends with no
+   letter (the texts are not tried); a text containing "Failed to obtain answer via API" skips it entirely (straight
+   to ``can_infer_text``, so "Failed to obtain answer via API B" is not B).
 
 A prediction is right when the extracted letter is the reference letter. The reference (``"answer"``, or each of
 ``"answers"``) is an option letter, or an option's text, which is mapped to its letter (exact, then
@@ -43,6 +46,9 @@ __all__ = ["extract_letter", "mc_acc"]
 _CAN_INFER_BLANKED = ".()[],:;!*#{}"  # VLMEvalKit can_infer_option: characters replaced by a blank
 _CAN_INFER_REJECTS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
                       "I'm sorry, but without the image provided", "Cannot determine the answer")
+# A text holding VLMEvalKit's own API-failure marker skips can_infer_option entirely (no refusal check, no letters)
+# and goes straight to can_infer_text; kept so that even such text scores as the official evaluator scores it.
+_CAN_INFER_SKIP_OPTION = "Failed to obtain answer via API"
 
 _LONE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:]?")
 _STATED = re.compile(r"(?i:\b(?:answer|option|choice)\b(?:\s+(?:is|would be|should be))?)\s*[:\-]?\s*"
@@ -69,6 +75,15 @@ def _words(text: str) -> list[str]:
 
 
 def _can_infer(text: str, options: dict[str, str]) -> str | None:
+    if _CAN_INFER_SKIP_OPTION not in text:
+        letter = _can_infer_option(text, options)
+        if letter != "":
+            return letter
+    return _can_infer_text(text, options)
+
+
+def _can_infer_option(text: str, options: dict[str, str]) -> str | None:
+    """The letter, None for a final "no answer" (a refusal or a lone "Z"), "" to let the option texts decide."""
     if any(reject in text for reject in _CAN_INFER_REJECTS):
         return None
     words = _words(text)
@@ -77,6 +92,10 @@ def _can_infer(text: str, options: dict[str, str]) -> str | None:
         return present[0]
     if not present and "Z" in words:  # VLMEvalKit's explicit "no answer"
         return None
+    return ""
+
+
+def _can_infer_text(text: str, options: dict[str, str]) -> str | None:
     # Not decided by a letter (none, several, or one too early): the option texts decide.
     if len(text) > 2 * sum(len(v) for v in options.values()):
         return None

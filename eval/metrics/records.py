@@ -30,6 +30,17 @@ def _check_mapping(record: Any, index: int) -> None:
         raise MetricInputError(index, f"a record must be a JSON object, got {type(record).__name__}")
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A JSON number usable as a float: bool is an int subclass (true/false is never a size or a coordinate), and a
+    JSON integer beyond the float range (json gives an unbounded int) must be refused, not raise OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def get_prediction(record: dict, index: int) -> str:
     _check_mapping(record, index)
     if "prediction" not in record:
@@ -74,8 +85,7 @@ def get_number(record: dict, key: str, index: int, *, positive: bool = False) ->
     if key not in record:
         raise MetricInputError(index, f'missing "{key}"')
     value = record[key]
-    # bool is an int subclass in Python; true/false is never a size or a coordinate.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_finite_number(value):
         raise MetricInputError(index, f'"{key}" must be a finite number, got {value!r}')
     if positive and value <= 0:
         raise MetricInputError(index, f'"{key}" must be positive, got {value!r}')
@@ -89,7 +99,7 @@ def get_box(record: dict, index: int) -> list[float]:
         raise MetricInputError(index, 'missing "answer" (pixel box [x1, y1, x2, y2])')
     box = record["answer"]
     if (not isinstance(box, list) or len(box) != 4
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in box)):
+            or not all(_is_finite_number(v) for v in box)):
         raise MetricInputError(index, f'"answer" must be a box of 4 numbers [x1, y1, x2, y2], got {box!r}')
     return box
 

@@ -14,7 +14,7 @@ recall, F1 and yes-ratio, and its headline "Overall F1" is the MEAN of the per-c
 data): here ``overall_f1``. The official script divides by zero when a category has no "yes" prediction; here such a
 precision (recall, F1) is 0.
 Figures: ``score`` = accuracy, ``precision``, ``recall``, ``f1``, ``yes_ratio`` (pooled over all records), with
-categories also ``per_category`` and ``overall_f1``.
+categories also ``per_category``; ``overall_f1`` is the mean of the category F1s (without categories: ``f1``).
 
 MME (``style="mme"``). Official sources: ``internvl_chat/eval/mme/eval.py`` ``post_processing`` and
 ``eval/mme/calculation.py`` (the MME benchmark's tool). Parsing:
@@ -23,6 +23,9 @@ MME (``style="mme"``). Official sources: ``internvl_chat/eval/mme/eval.py`` ``po
   occurs in its first 4 characters, else "no" if "no" does ("nope", "none", "know" -> no), else "other" (wrong).
   A reference must be yes/no in any case. QUIRK kept: a prediction containing a tab breaks the official
   tab-separated result line, which is then skipped (counted wrong for acc+, left out of acc).
+  NOT modelled: a carriage return ("\\r") in a prediction survives the official post-processing and splits the
+  result line when calculation.py reads it back (universal newlines); the extra line shifts the official question
+  pairing of that task (or trips its pair assertion). Here the record is parsed as one answer and pairs stay put.
 Per task (``category``): ``acc`` = right / answered, ``acc_plus`` = fraction of images whose questions are ALL
 right, task score = ``(acc + acc_plus) * 100``. Images are the ``image`` key (grouped within a category); without it,
 consecutive pairs of records of a category are an image, as the official file order assumes. Precision and recall
@@ -131,6 +134,8 @@ def _pope(preds: list[str], golds: list[str], cats: list, *, textbook: bool) -> 
             groups[cat].append(pair)
         out["per_category"] = {cat: _confusion(group) for cat, group in groups.items()}
         out["overall_f1"] = sum(c["f1"] for c in out["per_category"].values()) / len(groups)
+    else:  # one implicit category: the official headline is its F1
+        out["overall_f1"] = figures["f1"]
     out["per_sample"] = [1.0 if p == g else 0.0 for p, g in pairs]
     return out
 
