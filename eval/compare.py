@@ -50,14 +50,15 @@ def compare(before: dict, after: dict) -> list[dict]:
 
 def format_comparison(rows: list[dict], names: tuple[str, str] = ("before", "after"),
                       extra: dict[str, dict[str, str]] | None = None) -> str:
-    """A plain-text table; `extra` adds columns: {column name: {row label (stripped): text}}."""
+    """A plain-text table; `extra` adds columns: {column name: {(row label stripped, metric): text}}."""
     extra = extra or {}
     header = ["", "metric", "n", names[0], names[1], "change", "mean IoU", *extra]
     lines = [header]
     for r in rows:
         iou = (f"{r['mean_iou_before']:.3f} -> {r['mean_iou_after']:.3f}" if "mean_iou_after" in r else "")
+        key = (r["label"].strip(), r["metric"])
         lines.append([r["label"], r["metric"], str(r["n"]), f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}",
-                      f"{100 * r['delta']:+.1f}", iou, *(col.get(r["label"].strip(), "") for col in extra.values())])
+                      f"{100 * r['delta']:+.1f}", iou, *(col.get(key, "") for col in extra.values())])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             .rstrip() for line in lines]

@@ -3,9 +3,10 @@
 Accepts the official `internvl_chat_finetune.py` arguments unchanged (or one JSON file holding them).
 Features: every trainability mode (frozen parts, LoRA on ViT and/or LLM, partial ViT), token / sample / square loss
 reductions in every mode, length-grouped sampling, torchrun / Slurm / single process, DeepSpeed ZeRO-1/2/3, CPU
-(gloo) when there is no GPU, auto-resume from the newest complete checkpoint, output in the official layout.
+(gloo) when there is no GPU, auto-resume from the newest complete checkpoint, output in the official layout,
+held-out loss and generation metrics during training (--eval_meta_path, train/evaluation.py).
 
-    setup -> load model and data -> apply the trainability plan -> train -> save
+    setup -> check eval sets -> load model and data -> apply the trainability plan -> train -> [evaluate] -> save
 """
 
 from __future__ import annotations
@@ -25,12 +26,21 @@ from .train.arguments import DataTrainingArguments, ModelArguments, TrainingArgu
 logger = logging.getLogger("internvl_chat.finetune")
 
 
+# Old flag -> the transformers 5 flag it means. Renamed on the command line, so the last of the two wins: the launchers
+# pass the official `--evaluation_strategy no` before the user's flags, and `--eval_strategy steps` must override it.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+
+
 def parse_args(argv: list[str] | None):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]), allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+    renamed = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        renamed.append(RENAMED_FLAGS.get(flag, flag) + eq + value)
+    return parser.parse_args_into_dataclasses(args=renamed)
 
 
 # Official flags of the IterableDataset packer and the resampler, which the planned packing here does not need.
@@ -189,13 +199,11 @@ def resize_position_embedding(model, image_size: int) -> None:
     logger.info("resized ViT position embeddings to %dx%d patches (tile %d px)", grid, grid, image_size)
 
 
-def build_data(data_args: DataTrainingArguments, training_args: TrainingArguments, model, tokenizer):
-    from .data.collator import DataCollator
-    from .data.dataset import DataConfig, build_dataset
+def data_config(data_args: DataTrainingArguments, training_args: TrainingArguments, model):
+    """The DataConfig of the run (training and eval sets alike)."""
+    from .data.dataset import DataConfig
 
-    if not data_args.meta_path:
-        raise ValueError("--meta_path is required (a meta JSON naming your datasets)")
-    config = DataConfig(
+    return DataConfig(
         template=data_args.conv_style,
         num_image_token=model.num_image_token,
         image_size=data_args.force_image_size,
@@ -213,6 +221,15 @@ def build_data(data_args: DataTrainingArguments, training_args: TrainingArgument
         bad_data=data_args.bad_data,
         max_bad_fraction=data_args.max_bad_fraction,
     )
+
+
+def build_data(data_args: DataTrainingArguments, training_args: TrainingArguments, model, tokenizer):
+    from .data.collator import DataCollator
+    from .data.dataset import build_dataset
+
+    if not data_args.meta_path:
+        raise ValueError("--meta_path is required (a meta JSON naming your datasets)")
+    config = data_config(data_args, training_args, model)
     dataset = build_dataset(data_args.meta_path, tokenizer, config)
     if not data_args.use_packed_ds:
         return dataset, DataCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction)
@@ -279,10 +296,24 @@ def start_summary(model_args, data_args, training_args, dataset, plan) -> str:
         f"precision  {'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else 'fp32'}; "
         f"loss reduction {data_args.loss_reduction}; launcher {info.launcher}; "
         f"device {'cpu (gloo)' if training_args.use_cpu else 'cuda'}",
+        *([eval_summary(data_args, training_args)] if data_args.eval_meta_path else []),
         f"output     {training_args.output_dir}",
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def eval_summary(data_args, training_args) -> str:
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    when = "every epoch" if strategy == "epoch" else ""
+    if strategy == "steps":
+        steps = training_args.eval_steps
+        when = f"every {steps:g} steps" if steps >= 1 else f"every {steps:g} of the run"  # < 1: a ratio
+    if training_args.do_final_eval:
+        when += (" and " if when else "") + "after training"
+    what = f"loss + generation metrics on <= {data_args.eval_max_samples} samples per set" \
+        if data_args.eval_max_samples else "loss only"
+    return f"eval       {data_args.eval_meta_path}: {when or 'never'}; {what}"
 
 
 def log_bad_data_summary(tracker) -> None:
@@ -311,10 +342,16 @@ def main(argv: list[str] | None = None) -> str:
         logger.warning("accepted for compatibility, no effect here (packing is planned, not streamed): %s",
                        ", ".join(ignored))
     from .data.errors import BadDataTracker
+    from .train.evaluation import build_evaluator, check_eval_args, load_eval_specs
     from .train.trainer import InternVLTrainer, last_complete_checkpoint
 
+    check_eval_args(data_args, training_args)
+    eval_specs = load_eval_specs(data_args.eval_meta_path, data_args.eval_max_samples) \
+        if data_args.eval_meta_path else None
     model, tokenizer = load_model_and_tokenizer(model_args, data_args, training_args)
     dataset, collator = build_data(data_args, training_args, model, tokenizer)
+    evaluator = build_evaluator(eval_specs, tokenizer, data_config(data_args, training_args, model), data_args) \
+        if eval_specs else None
     plan = apply_trainability(model, model_args)
     run_dtype = keep_fp32_master_weights(model, model_args, training_args)
     logger.info("\n%s", start_summary(model_args, data_args, training_args, dataset, plan))
@@ -323,6 +360,8 @@ def main(argv: list[str] | None = None) -> str:
         model=model,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=evaluator.datasets if evaluator else None,
+        evaluator=evaluator,
         data_collator=collator,
         processing_class=tokenizer,
         component_lrs={"vit": model_args.vision_lr, "mlp": model_args.mlp_lr, "llm": model_args.llm_lr},
@@ -336,6 +375,10 @@ def main(argv: list[str] | None = None) -> str:
         if resume:
             logger.info("resuming from %s (newest complete checkpoint)", resume)
     result = trainer.train(resume_from_checkpoint=resume)
+    if training_args.do_final_eval and trainer.last_eval_step != trainer.state.global_step:
+        metrics = trainer.evaluate()  # --do_eval: once more on the final weights, unless the last step just did
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
     trainer.save_dtype = run_dtype  # the final weights in the run's precision; checkpoints keep fp32 masters
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
@@ -347,5 +390,16 @@ def main(argv: list[str] | None = None) -> str:
     return training_args.output_dir
 
 
+def shutdown_process_group() -> None:
+    """Close the process group before the interpreter exits: left to exit-time teardown, gloo/DeepSpeed ZeRO-3 runs
+    on CPU aborted now and then after a complete run ("terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it (rank 0 hosts the rendezvous store)
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    shutdown_process_group()

@@ -242,7 +242,9 @@ def test_clean_demo_dataset_passes_and_its_sidecar_feeds_the_dataset(tmp_path, c
     sidecar = lengths_sidecar_path(annotation)
     assert out["sidecars"] == [sidecar] and Path(sidecar).is_file()
     # Per-type counts are those the generator writes.
-    assert out["types"] == {"text": len(TEXT_QA), "image": num_images, "multi_image": max(2, num_images // 6),
+    counting = max(2, num_images // 4)  # pictures of several shapes for the counting question
+    assert out["types"] == {"text": len(TEXT_QA), "image": num_images + counting,
+                            "multi_image": max(2, num_images // 6),
                             "video": 0, "invalid": 0}
     assert out["problems"]["count"] == 0 and out["exit_code"] == 0
 

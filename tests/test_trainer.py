@@ -102,3 +102,15 @@ def test_flags_without_effect_are_named():
     assert ignored_flags(model_args, data_args) == ["--use_liger True", "--max_buffer_size 5", "--strict_mode False"]
     model_args, data_args, _ = parse_args(["--output_dir", "/tmp/x"])
     assert ignored_flags(model_args, data_args) == []
+
+
+def test_the_later_of_evaluation_strategy_and_eval_strategy_wins():
+    """The launchers pass the official `--evaluation_strategy no` first; a user's `--eval_strategy steps` after it
+    must turn evaluation on (and the other way round)."""
+    from internvl_chat.finetune import parse_args
+
+    *_, args = parse_args(["--output_dir", "/tmp/x", "--evaluation_strategy", "no", "--eval_strategy", "steps",
+                           "--eval_steps", "5"])
+    assert args.eval_strategy == "steps"
+    *_, args = parse_args(["--output_dir", "/tmp/x", "--eval_strategy", "steps", "--evaluation_strategy=no"])
+    assert args.eval_strategy == "no"

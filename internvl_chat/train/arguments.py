@@ -80,6 +80,16 @@ class DataTrainingArguments:
     bad_data: str = field(default="skip", metadata={"help": "(ours) skip (count and report) | fail"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "(ours) stop when more samples are bad"})
     video_backend: str = field(default="pyav", metadata={"help": "(ours) pyav | decord"})
+    eval_meta_path: str | None = field(
+        default=None,
+        metadata={"help": "(ours) meta JSON of held-out sets, same format as --meta_path; an entry may name its "
+                          "`metric` (vqa_acc, iou_acc, ...). Evaluated with --eval_strategy steps --eval_steps N"},
+    )
+    eval_max_samples: int = field(
+        default=64,
+        metadata={"help": "(ours) generation metrics on the first N samples of each eval set (0 = eval loss only)"},
+    )
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "(ours) answer length cap of the generation eval"})
 
 
 @dataclass
@@ -102,6 +112,8 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        # transformers turns do_eval on whenever eval_strategy is set; the final evaluation runs only when asked
+        self.do_final_eval = bool(self.do_eval)
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio is not None:

@@ -8,7 +8,9 @@
   a bad fraction;
 - checkpoints in the official layout (+ the base checkpoint's `*.py`, so `trust_remote_code` loading works),
   marked complete only after every file is written, so resuming never picks a half-written checkpoint;
-- tokens/s, samples/s and peak memory in every log line.
+- tokens/s, samples/s and peak memory in every log line;
+- evaluation on held-out sets (train/evaluation.py): loss and generation metrics per set, isolated from training
+  (RNG states, module modes and use_cache restored; eval batches are not counted as training data).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
@@ -87,7 +90,7 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
 class InternVLTrainer(Trainer):
     def __init__(self, *args, component_lrs: dict[str, float] | None = None, base_model_dir: str | None = None,
                  bad_data: BadDataTracker | None = None, loss_reduction_all_gather: bool = False,
-                 **kwargs) -> None:
+                 evaluator=None, **kwargs) -> None:
         model = kwargs.get("model")
         # QLoRA: the adapters live inside the language model (official layout), which transformers' "is a purely
         # quantized model being trained?" check cannot see; vouch for them during that check only
@@ -103,6 +106,9 @@ class InternVLTrainer(Trainer):
         self.base_model_dir = base_model_dir
         self.bad_data = bad_data or BadDataTracker()
         self.loss_reduction_all_gather = loss_reduction_all_gather
+        self.evaluator = evaluator  # train.evaluation.TrainingEvaluator, or None
+        self.last_eval_step: int | None = None
+        self._eval_depth = 0
         self._pad_id = getattr(self.processing_class, "pad_token_id", None)
         self._window_tokens = 0
         self._window_samples = 0
@@ -113,6 +119,9 @@ class InternVLTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.pop("skipped_samples", None)
         num_samples = int(inputs.pop("num_samples", inputs["input_ids"].shape[0]))  # packed rows hold several
+        if not model.training:  # an eval batch: neither training data nor training throughput
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
         self.bad_data.update(num_samples, skipped)
         if inputs.get("attention_mask") is not None:
             self._window_tokens += int(inputs["attention_mask"].sum())
@@ -132,6 +141,47 @@ class InternVLTrainer(Trainer):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return EpochLengthGroupedSampler(batch, list(dataset.lengths), self.args.data_seed or self.args.seed)
         return super()._get_train_sampler(train_dataset)
+
+    # --- evaluation (train/evaluation.py) ---------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if self._eval_depth:  # Trainer.evaluate calls itself once per set of a dict: isolated already
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        from .evaluation import isolated_from_training
+
+        self._eval_depth += 1
+        started = time.perf_counter()
+        try:
+            with isolated_from_training(self.model, self.model_wrapped):
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._eval_depth -= 1
+            self._window_start += time.perf_counter() - started  # tokens/s measures training time only
+        self.last_eval_step = self.state.global_step
+        return metrics
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.evaluator is not None and description == "Evaluation":
+            # same log entry as the set's loss (so one line per set on the console and in tensorboard)
+            output.metrics.update(self.evaluator.generation_metrics(self, metric_key_prefix))
+        return output
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.evaluator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.evaluator.collator  # never the packing one
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    def _get_eval_sampler(self, eval_dataset):
+        # transformers length-groups eval batches under group_by_length by reading every sample; the order of a
+        # loss average does not matter, so plain order (accelerate shards it over ranks)
+        if self.args.world_size <= 1:
+            return SequentialSampler(eval_dataset)
+        return None
 
     # --- optimizer: per-component learning rates ---------------------------------------------------------------
     def create_optimizer(self, model=None):
