@@ -162,9 +162,8 @@ def check_files(bench: Benchmark, data_root: str) -> None:
     missing = missing_files(bench, data_root)
     if missing:
         raise BenchmarkError(
-            f"{bench.name}: missing {', '.join(missing)}. Put there {bench.how} (official layout; the expected "
-            f"files of every benchmark are listed in the README, 'Evaluation data layout'); --data-root points "
-            f"at another data folder.")
+            f"{bench.name}: missing {', '.join(missing)}. Put there {bench.how} (official layout; eval/README.md "
+            f"lists the files of every benchmark); --data-root points at another data folder.")
 
 
 def load_benchmark(bench: Benchmark, data_root: str, limit: int | None = None) -> list[EvalSample]:

@@ -123,8 +123,8 @@ def resolve_tasks(args) -> tuple[str, list[Task]]:
     missing = [path for b in benches for path in benchmarks.missing_files(b, data_root)]
     if missing:  # all of them at once: a group (refcoco) may lack several files
         raise UsageError(f"{dataset}: missing {', '.join(missing)}. Put there {benches[0].how} (official layout; "
-                         f"the files of every benchmark are listed in the README, 'Evaluation data layout'), or "
-                         f"point --data-root at the folder that holds them.")
+                         f"eval/README.md lists the files of every benchmark), or point --data-root at the folder "
+                         f"that holds them.")
     tasks = []
     for bench in benches:
         try:
