@@ -60,7 +60,7 @@ from internvl_chat.data.dataset import DataConfig, build_dataset  # noqa: E402
 from internvl_chat.data.transforms import normalize_tiles  # noqa: E402
 from internvl_chat.model.tokenizer import load_tokenizer  # noqa: E402
 
-FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tokenizer_qwen2"
+FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizer_qwen2"
 STAGES = ("decode", "tile", "normalise", "tokenise", "other")
 KINDS = ("photo", "page", "multi", "video", "text")
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # outputs of the official code; README inside
 
 # Tests run offline: never let transformers or huggingface_hub reach for the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,5 +14,5 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"reference fixtures not found at {FIXTURES} (CI keeps shared/ beside the checkout)")
+        pytest.fail(f"reference fixtures not found at {FIXTURES} (they are part of the repository)")
     return FIXTURES

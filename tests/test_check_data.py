@@ -29,7 +29,7 @@ from internvl_chat.demo_data import TEXT_QA, make_demo_dataset
 from internvl_chat.model.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOKENIZER = FIXTURES / "tokenizer_qwen2"
 TEMPLATE = "Hermes-2"
 MAX_LEN = 700  # fits every good corpus sample (one tile or two frames), not the long one

@@ -31,7 +31,7 @@ from internvl_chat.data.tiling import plan_tiles
 from internvl_chat.data.transforms import image_to_tiles, load_image, normalize_tiles
 from internvl_chat.model.tokenizer import load_tokenizer
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DATA = FIXTURES / "data"
 TOKENIZER_DIRS = {"qwen2": "tokenizer_qwen2", "bos": "tokenizer_bos"}
 PHOTO = "grad_rgb_640x360.png"  # a fixture image

@@ -1,4 +1,4 @@
-"""Parity with the official InternVL code on the tiny reference models in shared/fixtures."""
+"""Parity with the official InternVL code on the tiny reference models in tests/fixtures."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Templates and label masks against the official preprocessing outputs in ``shared/fixtures``.
+"""Templates and label masks against the official preprocessing outputs in ``tests/fixtures``.
 
 Clean fixture cases (no ``error``, no mismatch warning) must be token-identical. Where the official code raised or
 fell back to all -100 labels, ``OUR_BEHAVIOUR`` records what we do instead; cases not listed there (e.g. a larger
@@ -25,7 +25,7 @@ from internvl_chat.data.templates import (
     tokenize_conversation,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOKENIZER_DIRS = {"qwen2": "tokenizer_qwen2", "bos": "tokenizer_bos"}
 TRAINING_TEMPLATES = ("Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5")
 

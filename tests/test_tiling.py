@@ -15,7 +15,7 @@ from PIL import Image
 from internvl_chat.data.tiling import candidate_grids, dynamic_preprocess, plan_tiles
 from internvl_chat.data.transforms import image_to_tiles, load_image
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "data"
+DATA = Path(__file__).resolve().parent / "fixtures" / "data"
 
 # Section 4.1 of the compatibility spec lists the official order for max 6 and max 12.
 OFFICIAL_ORDER_MAX6 = [

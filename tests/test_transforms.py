@@ -32,7 +32,7 @@ from internvl_chat.data.transforms import (
     to_rgb,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "data"
+DATA = Path(__file__).resolve().parent / "fixtures" / "data"
 
 
 @cache
