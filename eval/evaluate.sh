@@ -19,17 +19,10 @@
 # Results: results/<model>/<dataset>/predictions.jsonl and metrics.json (or --out-dir); an existing result is
 # never overwritten unless --overwrite is given.
 
-die() {
-    echo "eval/evaluate.sh: error: $*" >&2
-    exit 2
-}
+PROG=eval/evaluate.sh
+REPO=$(cd "$(dirname "$0")/.." && pwd) || { echo "$PROG: error: cannot find the repository root from $0" >&2; exit 2; }
+. "$REPO/shell/common.sh"  # die, is_count, check_count, count_visible_gpus
 
-is_count() {  # a positive decimal integer
-    case $1 in '' | *[!0-9]* | 0*) return 1 ;; esac
-    return 0
-}
-
-REPO=$(cd "$(dirname "$0")/.." && pwd) || die "cannot find the repository root from $0"
 PYTHON=${PYTHON:-python}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 GPUS=${GPUS:-1}
@@ -40,7 +33,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MODEL=$1
 DATASET=$2
 shift 2
-is_count "$GPUS" || die "GPUS must be a positive integer, got '$GPUS'"
+check_count GPUS "$GPUS"
 is_count "$MASTER_PORT" || die "MASTER_PORT must be a port number, got '$MASTER_PORT'"
 
 if [ ! -d "$MODEL" ]; then
@@ -49,13 +42,9 @@ if [ ! -d "$MODEL" ]; then
 fi
 MODEL=$(cd "$MODEL" && pwd)  # absolute, as the official script makes it
 
-if [ "$GPUS" -gt 1 ] && command -v nvidia-smi >/dev/null 2>&1; then
-    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-        found=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
-    else
-        found=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-    fi
-    if [ "$found" -gt 0 ] && [ "$GPUS" -gt "$found" ]; then
+if [ "$GPUS" -gt 1 ]; then
+    found=$(count_visible_gpus)
+    if [ "${found:-0}" -gt 0 ] && [ "$GPUS" -gt "$found" ]; then
         die "GPUS=$GPUS but $found GPU(s) are visible here"
     fi
 fi

@@ -32,19 +32,9 @@
 #   PYTHON [python]         interpreter; torchrun is run as `$PYTHON -m torch.distributed.run`, so it is the
 #                           one of the active environment.
 
-die() {
-    echo "shell/launch.sh: error: $*" >&2
-    exit 2
-}
-
-is_count() {  # a positive decimal integer
-    case $1 in '' | *[!0-9]* | 0*) return 1 ;; esac
-    return 0
-}
-
-check_count() {  # check_count NAME VALUE
-    is_count "$2" || die "$1 must be a positive integer, got '$2'"
-}
+PROG=shell/launch.sh
+REPO=$(cd "$(dirname "$0")/.." && pwd) || { echo "$PROG: error: cannot find the repository root from $0" >&2; exit 2; }
+. "$REPO/shell/common.sh"  # die, is_count, check_count, count_visible_gpus
 
 quote() {  # one argument, quoted for a copy-pasteable command line
     case $1 in
@@ -53,18 +43,8 @@ quote() {  # one argument, quoted for a copy-pasteable command line
     esac
 }
 
-count_visible_gpus() {  # GPUs torchrun would see here; prints nothing when it cannot tell
-    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-        [ -z "$CUDA_VISIBLE_DEVICES" ] && { echo 0; return; }
-        echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU'
-    fi
-}
-
 set -f  # SRUN_ARGS is split into words on purpose; never glob it
 
-REPO=$(cd "$(dirname "$0")/.." && pwd) || die "cannot find the repository root from $0"
 PYTHON=${PYTHON:-python}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
