@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="auto: bfloat16 on GPU (official), float32 on CPU")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a tokenizer only defined by its code")
+    p.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true",
+                   help="accept pickle weight files (pytorch_model.bin, *.pt); by default only safetensors load")
     p.add_argument("--check-only", action="store_true", help="check the inputs and exit (no model is loaded)")
     return p
 
@@ -313,7 +315,8 @@ def run(args, info, model_path: str, label: str, tasks: list[Task], out_dir: str
     say(f"==> {model_path} on {label}: {sum(len(t.samples) for t in tasks)} samples, {info.world_size} "
         f"process(es), {device.type}, {str(dtype).replace('torch.', '')}")
     tokenizer = load_tokenizer(model_path, trust_remote_code=args.trust_remote_code)
-    model = InternVLChatModel.from_pretrained(model_path, torch_dtype=dtype).to(device).eval()
+    model = InternVLChatModel.from_pretrained(model_path, torch_dtype=dtype, allow_pickle=args.allow_pickle)
+    model = model.to(device).eval()
     if not args.dynamic and getattr(model.config, "dynamic_image_size", False):
         say("note: the model was trained with dynamic tiling; the official eval docs say to pass --dynamic "
             "(without it every image is one tile)")

@@ -29,11 +29,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
 from internvl_chat.constants import IMAGE_PLACEHOLDER
 from internvl_chat.data.errors import DataError
 from internvl_chat.data.formats import read_records, to_official
+from internvl_chat.data.transforms import ImageLoadError
+from internvl_chat.data.transforms import image_size as _header_size
 
 __all__ = ["KNOWN_METRICS", "EvalSample", "box_to_pixels", "count_placeholders", "image_size", "known_metrics",
            "load_eval_jsonl", "parse_box"]
@@ -110,15 +110,12 @@ def box_to_pixels(box: list[float], width: float, height: float) -> list[float]:
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the image header, as the model sees it (EXIF rotation applied)."""
-    from PIL import ExifTags
+    """(width, height) from the image header, as the model sees it (EXIF rotation applied).
 
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    if orientation in (5, 6, 7, 8):  # load_image applies exif_transpose: 90-degree rotations swap the sides
-        width, height = height, width
-    return width, height
+    The training data's checks apply: a FIFO or directory is refused without being opened, and an image over the
+    default pixel limit is refused from its header (see :func:`internvl_chat.data.transforms.image_size`).
+    """
+    return _header_size(path)
 
 
 def _split_where(where: str) -> tuple[str | None, int | None]:
@@ -239,6 +236,8 @@ def _image_size_checked(path: str, fail) -> tuple[int, int]:
         return image_size(path)
     except FileNotFoundError:
         raise fail(f"image file not found: {path}", "missing_file") from None
+    except ImageLoadError as exc:  # names the file and says why (not a file, too large, truncated, ...)
+        raise fail(str(exc), getattr(exc, "kind", None) or "corrupt_image") from exc
     except Exception as exc:  # PIL raises many types for a bad file
         raise fail(f"cannot read image {path}: {type(exc).__name__}: {exc}", "corrupt_image") from exc
 

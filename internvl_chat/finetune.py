@@ -3,7 +3,7 @@
 Accepts the official `internvl_chat_finetune.py` arguments unchanged (or one JSON file holding them).
 Features: every trainability mode (frozen parts, LoRA on ViT and/or LLM, partial ViT), token / sample / square loss
 reductions in every mode, length-grouped sampling, torchrun / Slurm / single process, DeepSpeed ZeRO-1/2/3, CPU
-(gloo) when there is no GPU, auto-resume from the newest complete checkpoint, output in the official layout,
+(gloo) when there is no GPU, auto-resume from the newest checkpoint that verifies, output in the official layout,
 held-out loss and generation metrics during training (--eval_meta_path, train/evaluation.py).
 
     setup -> check eval sets -> load model and data -> apply the trainability plan -> train -> [evaluate] -> save
@@ -96,7 +96,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
     load_kwargs = {}
     if model_args.use_qlora:
         load_kwargs = qlora_load_kwargs(model_args, dtype, training_args)
-    model = InternVLChatModel.from_pretrained(path, torch_dtype=dtype, **load_kwargs)
+    model = InternVLChatModel.from_pretrained(path, torch_dtype=dtype, allow_pickle=model_args.allow_pickle,
+                                              **load_kwargs)
     if model_args.use_qlora:
         patch_bnb_for_cpu_training(model)
         model.config.qlora_base_model = os.path.abspath(path)  # tools/merge_lora.py merges into full precision
@@ -132,6 +133,11 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
     if model_args.mlp_path:
         from safetensors.torch import load_file
 
+        from .model.weight_files import CorruptWeightsError, safetensors_problem
+
+        problem = safetensors_problem(model_args.mlp_path)  # pickle or broken: named, never unpickled
+        if problem:
+            raise CorruptWeightsError(f"--mlp_path {model_args.mlp_path}: {problem} (a .safetensors file is needed)")
         model.mlp1.load_state_dict(load_file(model_args.mlp_path))
     model.language_model.config.use_cache = False
     return model, tokenizer
@@ -220,6 +226,11 @@ def data_config(data_args: DataTrainingArguments, training_args: TrainingArgumen
         seed=training_args.data_seed or training_args.seed,
         bad_data=data_args.bad_data,
         max_bad_fraction=data_args.max_bad_fraction,
+        confine_paths=data_args.confine_paths,
+        max_image_pixels=data_args.max_image_pixels,
+        allow_truncated_images=data_args.allow_truncated_images,
+        max_video_frames=data_args.max_video_frames,
+        max_video_seconds=data_args.max_video_seconds,
     )
 
 
@@ -232,7 +243,8 @@ def build_data(data_args: DataTrainingArguments, training_args: TrainingArgument
     config = data_config(data_args, training_args, model)
     dataset = build_dataset(data_args.meta_path, tokenizer, config)
     if not data_args.use_packed_ds:
-        return dataset, DataCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction)
+        return dataset, DataCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction,
+                                     with_sample_ids=True)
     from .data.packing import PackedCollator, PackedDataset
 
     packed = PackedDataset(dataset, data_args.max_packed_tokens, max_tiles=data_args.num_images_expected,
@@ -240,7 +252,7 @@ def build_data(data_args: DataTrainingArguments, training_args: TrainingArgument
     logger.info("packing: %d samples into %d packs of <= %d tokens / %d tiles (%s)", len(dataset), len(packed),
                 data_args.max_packed_tokens, data_args.num_images_expected, packed.stats)
     collator = PackedCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction,
-                              max_packed_tokens=data_args.max_packed_tokens)
+                              max_packed_tokens=data_args.max_packed_tokens, with_sample_ids=True)
     return packed, collator
 
 
@@ -316,20 +328,37 @@ def eval_summary(data_args, training_args) -> str:
     return f"eval       {data_args.eval_meta_path}: {when or 'never'}; {what}"
 
 
-def log_bad_data_summary(tracker) -> None:
-    """Every rank saw its own share of the data: add the counts up before reporting."""
+def bad_data_totals(tracker):
+    """The whole run's bad-data count: every rank saw its own share, so the ranks' record sets are united (a
+    record seen on two ranks, e.g. a replacement of a skipped sample, counts once)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-        counts = torch.tensor([tracker.good, tracker.bad], dtype=torch.long, device=device)
-        dist.all_reduce(counts)
-        good, bad = counts.tolist()
-        if dist.get_rank() == 0:
-            logger.info("bad data: %d of %d samples (all ranks) skipped; rank 0 detail:\n%s", bad, good + bad,
-                        tracker.summary())
-        return
-    logger.info("%s", tracker.summary())
+    from .data.errors import BadDataTracker
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tracker
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, tracker.state())
+    return BadDataTracker.merged(states, tracker.max_bad_fraction, tracker.max_messages)
+
+
+def check_bad_data(tracker, output_dir: str) -> None:
+    """Log the run's bad-data summary, and fail the run (every rank alike) when the exact limit is exceeded.
+
+    During training the tracker stops early with a small-sample slack (data/errors.py); this end check applies
+    ``bad / seen > max_bad_fraction`` exactly, over the distinct records of the whole run, which is the fraction
+    ``tools/check_data.py`` reports. The weights are saved first: the run's work is kept, but its exit code says
+    that it trained on too much bad data.
+    """
+    from .data.errors import TooMuchBadDataError
+
+    totals = bad_data_totals(tracker)
+    logger.info("%s", totals.summary())
+    try:
+        totals.final_check()
+    except TooMuchBadDataError as exc:
+        raise TooMuchBadDataError(f"end of run: {exc}\n(the weights were saved in {output_dir}, but the run "
+                                  "failed: it skipped more bad data than --max_bad_fraction allows)") from None
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -343,9 +372,13 @@ def main(argv: list[str] | None = None) -> str:
                        ", ".join(ignored))
     from .data.errors import BadDataTracker
     from .train.evaluation import build_evaluator, check_eval_args, load_eval_specs
-    from .train.trainer import InternVLTrainer, last_complete_checkpoint
+    from .train.checkpoint import resolve_resume
+    from .train.trainer import InternVLTrainer
 
     check_eval_args(data_args, training_args)
+    # before loading anything: the newest checkpoint that verifies (skipped ones are logged), or a clear error
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                            training_args.auto_resume, allow_pickle=model_args.allow_pickle)
     eval_specs = load_eval_specs(data_args.eval_meta_path, data_args.eval_max_samples) \
         if data_args.eval_meta_path else None
     model, tokenizer = load_model_and_tokenizer(model_args, data_args, training_args)
@@ -369,11 +402,6 @@ def main(argv: list[str] | None = None) -> str:
         bad_data=BadDataTracker(data_args.max_bad_fraction),
         loss_reduction_all_gather=data_args.loss_reduction_all_gather,
     )
-    resume = training_args.resume_from_checkpoint
-    if resume is None and training_args.auto_resume:
-        resume = last_complete_checkpoint(training_args.output_dir)
-        if resume:
-            logger.info("resuming from %s (newest complete checkpoint)", resume)
     result = trainer.train(resume_from_checkpoint=resume)
     if training_args.do_final_eval and trainer.last_eval_step != trainer.state.global_step:
         metrics = trainer.evaluate()  # --do_eval: once more on the final weights, unless the last step just did
@@ -384,7 +412,7 @@ def main(argv: list[str] | None = None) -> str:
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
-    log_bad_data_summary(trainer.bad_data)
+    check_bad_data(trainer.bad_data, training_args.output_dir)
     if trainer.is_world_process_zero():
         logger.info("checkpoint written to %s", training_args.output_dir)
     return training_args.output_dir
@@ -401,5 +429,18 @@ def shutdown_process_group() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .data.errors import TooMuchBadDataError
+
+    try:
+        main()
+    except TooMuchBadDataError as exc:  # a data verdict, not a crash: the message, no traceback
+        logger.error("%s", exc)
+        sys.exit(1)
+    except Exception as exc:  # a full disk while saving: one line (train/checkpoint.py), no traceback
+        from .train.checkpoint import CheckpointSaveError
+
+        if not isinstance(exc, CheckpointSaveError):
+            raise
+        logger.error("%s", exc)
+        sys.exit(1)
     shutdown_process_group()

@@ -438,16 +438,19 @@ def test_data_error_reports_round_trip_and_pickle():
     assert str(lower) == "f.jsonl:3: corrupt" and lower.located("other", 9).line == 3
 
 
-def test_tracker_fraction_limit_only_after_min_samples():
-    tracker = BadDataTracker(max_bad_fraction=0.1, min_samples=20, max_messages=2)
-    for _ in range(3):
-        tracker.add_bad(DataError("bad", "f.jsonl", 1, kind="invalid_json"))  # 3 of 3 bad, but < 20 seen
+def test_tracker_counts_distinct_records_per_kind_and_file():
+    # limits: tests/test_hostile_records.py (the small-sample rule); here z=0 keeps the arithmetic plain
+    tracker = BadDataTracker(max_bad_fraction=0.1, min_samples=20, max_messages=2, z=0)
+    tracker.add_bad(DataError("bad", "f.jsonl", 1, kind="invalid_json"))  # 1 of 1 bad: allowed 0.1 * 20 = 2
+    tracker.add_bad(DataError("bad", "f.jsonl", 1, kind="invalid_json"))  # the same record again: counted once
+    tracker.add_bad(DataError("bad", "f.jsonl", 2, kind="invalid_json"))
     tracker.add_good(27)
-    assert tracker.seen == 30 and tracker.bad_fraction == pytest.approx(0.1)
+    tracker.add_bad(DataError("bad", "f.jsonl", 3, kind="invalid_json"))
+    assert tracker.seen == 30 and tracker.bad_fraction == pytest.approx(0.1) and tracker.reports == 4
     assert len(tracker.messages) == 2 and tracker.by_kind == {"invalid_json": 3}
     summary = tracker.summary()
     assert "3 of 30" in summary and "invalid_json 3" in summary and "f.jsonl 3" in summary
-    with pytest.raises(TooMuchBadDataError, match="4 of 32"):  # the item itself is good, its skipped one bad
+    with pytest.raises(TooMuchBadDataError, match="4 of the 32"):  # the item itself is good, its skipped one bad
         tracker.update({"skipped": [DataError("x", "g.jsonl", 2, "too_long").report()], "input_ids": None})
     assert BadDataTracker().summary().startswith("bad data: none")
     batch = BadDataTracker(max_bad_fraction=0.5, min_samples=0)

@@ -94,7 +94,7 @@ def test_eval_logs_loss_and_generation_metrics(workdir, caplog):
     assert [e["step"] for e in entries] == [1, 2]
     last = entries[-1]
     assert {"eval_demo_heldout_vqa_acc", "eval_demo_heldout_iou_acc"} <= set(last)
-    assert "bad data: none in 4 samples" in caplog.text  # 2 steps x batch 2; the 2 x 14 eval samples not counted
+    assert "bad data: none in 4 records" in caplog.text  # 2 steps x batch 2; the 2 x 14 eval samples not counted
     (events,) = {p.parent for p in out.glob("runs/**/events.out.tfevents.*")}
     scalars = EventAccumulator(str(events)).Reload()
     for tag in ("eval/demo_heldout_loss", "eval/demo_heldout_vqa_acc", "eval/demo_heldout_iou_acc"):

@@ -328,21 +328,23 @@ def test_load_image_errors_name_the_path(tmp_path):
     assert isinstance(info.value, OSError)
 
 
-def test_truncated_and_huge_images_load_and_pil_globals_are_restored(tmp_path, monkeypatch):
+def test_truncated_images_need_the_switch_and_pil_globals_are_restored(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)  # PIL's default
     data = io.BytesIO()
     Image.fromarray(_gradient((64, 64))).save(data, format="JPEG", quality=90)
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(data.getvalue()[: len(data.getvalue()) * 2 // 3])
-    with pytest.raises(OSError):  # PIL's default refuses it ...
-        Image.open(cut).load()
-    assert load_image(cut).size == (64, 64)  # ... the official settings accept it
+    with pytest.raises(ImageLoadError, match="cut.jpg.*truncated") as info:  # a finding by default ...
+        load_image(cut)
+    assert info.value.kind == "truncated_image"
+    assert load_image(cut, allow_truncated=True).size == (64, 64)  # ... the official settings accept it
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 640x360 image is now a "bomb"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 640x360 image is now a "bomb" to PIL
     path = DATA / "images" / "grad_rgb_640x360.png"
     with pytest.raises(Image.DecompressionBombError):
         Image.open(path)
-    assert load_image(path).size == (640, 360)
+    assert load_image(path).size == (640, 360)  # our limit (PIL's default threshold) is the higher one
     assert Image.MAX_IMAGE_PIXELS == 100
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 

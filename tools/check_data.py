@@ -13,9 +13,18 @@ and reason. Writes the exact token lengths as ``<annotation>.lengths.npy`` besid
 file (the dataset reads them for length-grouped sampling); annotation and meta files are never
 modified.
 
+Media are read as training reads them, with the same bounds: an image over ``--max_image_pixels``
+(from its header, never decoded), a truncated image (unless ``--allow_truncated_images``), a video
+over ``--max_video_frames`` / ``--max_video_seconds``, and a media path that is not a regular file
+(FIFO, device, directory, symlink loop) are each a bad line with its kind; nothing can block.
+
+Also lists warnings that do not fail the check: two turns of the same role in a row, image/video
+paths that resolve outside the dataset root (with ``--confine_paths``, as training with that flag, they
+are bad samples instead), unknown meta keys with the nearest known one.
+
 Exit code: 0 when training can start, 1 when it cannot (``--policy fail``: any bad sample;
 ``--policy skip``: more than ``--max-bad-fraction`` bad per epoch; either: samples that would crash
-training), 2 for a bad command line, meta file or tokenizer. The engine is
+training), 2 for a bad command line, meta file (the message training would stop with) or tokenizer. The engine is
 ``internvl_chat.data.check.check_dataset``.
 """
 

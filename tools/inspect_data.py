@@ -147,9 +147,12 @@ def describe_images(dataset: SupervisedDataset, index: int, record: dict, kind: 
         if kind == "video":
             info.update(frame=number + 1, grid=[1, 1], thumbnail=False)
         elif number < len(paths):
+            # the training loader's checks and bounds (this image just passed them in build_item)
             image = load_image(os.path.join(entry.root, paths[number]) if entry.root else paths[number],
                                exif_transpose=config.exif_transpose,
-                               rescale_high_bit_depth=config.rescale_high_bit_depth)
+                               rescale_high_bit_depth=config.rescale_high_bit_depth,
+                               max_image_pixels=config.max_image_pixels,
+                               allow_truncated=config.allow_truncated_images)
             info["width"], info["height"] = image.size
             if config.dynamic_image_size:
                 low, high = image_tile_range(config, entry.max_dynamic_patch, len(paths))

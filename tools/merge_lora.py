@@ -5,7 +5,8 @@ IN is a checkpoint saved while LoRA-wrapped (config.json has use_llm_lora / use_
 (4-bit base weights) the full-precision base it was trained from is reloaded (--base, default: the path recorded in
 IN's config.json) and the trained tensors are applied on top. OUT gets plain
 official key names, use_*_lora = 0, the tokenizer, and IN's *.py files, so it loads anywhere an official checkpoint
-does. OUT must not exist yet (nothing is overwritten).
+does (the *.py files are copied, never imported). OUT must not exist yet (nothing is overwritten). Weights are read
+from safetensors only: a folder holding pickle weight files is refused unless --allow_pickle.
 """
 
 import argparse
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from internvl_chat.model import InternVLChatModel, load_tokenizer  # noqa: E402
+from internvl_chat.model.weight_files import CorruptWeightsError, UnsafeWeightsError, check_weights_dir  # noqa: E402
 
 
 # top-level fields a fine-tuning run writes (finetune.py); copied from a QLoRA run onto its full-precision base
@@ -28,7 +30,8 @@ RUN_FIELDS = ("template", "select_layer", "dynamic_image_size", "use_thumbnail",
               "max_dynamic_patch", "force_image_size", "normalize_type", "system_message")
 
 
-def load_qlora_checkpoint(path: str, config: dict, base: str | None, dtype: torch.dtype) -> InternVLChatModel:
+def load_qlora_checkpoint(path: str, config: dict, base: str | None, dtype: torch.dtype,
+                          allow_pickle: bool = False) -> InternVLChatModel:
     """A QLoRA checkpoint holds 4-bit base weights: rebuild from the full-precision base, then load what trained."""
     from safetensors import safe_open
 
@@ -38,7 +41,8 @@ def load_qlora_checkpoint(path: str, config: dict, base: str | None, dtype: torc
             f"{path} is a QLoRA checkpoint (4-bit base weights); pass --base with the full-precision checkpoint it "
             f"was trained from (recorded: {config.get('qlora_base_model')!r})"
         )
-    model = InternVLChatModel.from_pretrained(base, torch_dtype=dtype)
+    model = InternVLChatModel.from_pretrained(base, torch_dtype=dtype, allow_pickle=allow_pickle)
+    check_weights_dir(path, allow_pickle)  # the trained tensors are read below: safetensors only, whole
     if config.get("use_backbone_lora"):
         model.wrap_backbone_lora(config["use_backbone_lora"], config.get("backbone_lora_alpha"))
     if config.get("use_llm_lora"):
@@ -68,15 +72,22 @@ def main(argv=None) -> int:
     parser.add_argument("output_path")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     parser.add_argument("--base", default=None, help="full-precision base checkpoint (QLoRA runs only)")
+    parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
+                        help="accept pickle weight files (pytorch_model.bin, *.pt); by default only safetensors are "
+                             "loaded and a folder holding pickle weights is refused")
     args = parser.parse_args(argv)
     if os.path.exists(args.output_path) and os.listdir(args.output_path):
         parser.error(f"{args.output_path} exists and is not empty; choose a new directory")
     dtype = getattr(torch, args.dtype)
     config = json.loads(Path(args.input_path, "config.json").read_text())
-    if "quantization_config" in config:
-        model = load_qlora_checkpoint(args.input_path, config, args.base, dtype)
-    else:
-        model = InternVLChatModel.from_pretrained(args.input_path, torch_dtype=dtype)
+    try:
+        if "quantization_config" in config:
+            model = load_qlora_checkpoint(args.input_path, config, args.base, dtype, args.allow_pickle)
+        else:
+            model = InternVLChatModel.from_pretrained(args.input_path, torch_dtype=dtype,
+                                                      allow_pickle=args.allow_pickle)
+    except (UnsafeWeightsError, CorruptWeightsError) as e:
+        parser.error(str(e))
     if not (model.config.use_llm_lora or model.config.use_backbone_lora):
         print(f"note: {args.input_path} has no LoRA adapters; writing an unchanged copy")
     model.merge_lora()

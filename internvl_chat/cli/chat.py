@@ -3,7 +3,8 @@
     python -m internvl_chat.cli.chat MODEL_DIR --image photo.jpg --question "What is in the picture?"
     python -m internvl_chat.cli.chat MODEL_DIR            # interactive; /image PATH, /reset, /quit
 
-Answers stream as they are generated. Works on CPU and GPU; nothing is downloaded and no checkpoint code runs.
+Answers stream as they are generated. Works on CPU and GPU; nothing is downloaded, no checkpoint code runs (unless
+--trust-remote-code, for a tokenizer that only exists as code) and no pickle is loaded (unless --allow-pickle).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import TextIteratorStreamer
 
 from ..inference import images_for_model, multi_image_prefix
 from ..model import InternVLChatModel, load_tokenizer
+from ..model.weight_files import CorruptWeightsError, UnsafeWeightsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="override the system message")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a tokenizer that only exists as checkpoint code (InternLM2 has a built-in equivalent)")
+    p.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true",
+                   help="accept pickle weight files (pytorch_model.bin, *.pt); by default only safetensors are "
+                        "loaded and a folder holding pickle weights is refused")
     return p
 
 
@@ -85,8 +90,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        model = InternVLChatModel.from_pretrained(args.model, torch_dtype=dtype, allow_pickle=args.allow_pickle)
+    except (UnsafeWeightsError, CorruptWeightsError) as e:  # a verdict on the folder, not a crash
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = InternVLChatModel.from_pretrained(args.model, torch_dtype=dtype).to(device).eval()
+    model = model.to(device).eval()
     if args.system is not None:
         model.system_message = args.system
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)

@@ -24,9 +24,12 @@ How a record is checked (nothing here re-implements the dataset; the checker *is
   images decoded and tiled, videos decoded, template rules) runs as in training, and no token
   numbers (lengths, supervised tokens, over-length) are reported or written.
 
-Any exception that is not a :class:`~internvl_chat.data.errors.DataError` is reported as kind
-``unexpected_error`` and is *fatal*: the training dataset only skips ``DataError``, so such a
-sample would stop a run. A ``.json`` list that does not parse is fatal too (the dataset refuses
+The dataset turns every exception raised while building one record into a
+:class:`~internvl_chat.data.errors.DataError` with a specific kind (``invalid_json`` for deep nesting and
+huge integers, ``invalid_unicode``, ``tokenizer_error``, ... and ``unexpected`` with the exception's type
+for the rest), which training skips and counts, so the checker reports those kinds too. What still
+escapes (never a data problem in practice) is reported as kind ``unexpected_error`` and is *fatal*, as it
+would stop a run. A ``.json`` list that does not parse is fatal too (the dataset refuses
 the whole file at start-up).
 
 Lengths: with a tokenizer, the token length of every record (what ``dataset[i]["input_ids"]``
@@ -35,8 +38,21 @@ holds: ``min(length, max_seq_length)``; 0 for a bad record) can be written as th
 The annotation and meta files are never modified. The lengths belong to the settings of the check
 (template, tiles, ``max_seq_length``, frames): re-run the check when those change.
 
-Bad fraction: counted per epoch, as training's :class:`~internvl_chat.data.errors.BadDataTracker`
-sees it (``repeat_time`` included, with the same seeded subset for fractional repeats).
+Warnings (listed, never a reason to fail): consecutive turns of the same role (``same_role_turns``), image and
+video paths that resolve outside the dataset ``root`` (``path_outside_root``, with the resolved path; with
+``confine_paths`` training refuses those, so they are problems instead), and unknown meta keys
+(``unknown_meta_key``, with the nearest known key). The meta file is read by training's
+:func:`~internvl_chat.data.meta.load_meta` and its record-count rules are training's
+:func:`~internvl_chat.data.meta.samples_per_epoch`, so a meta file is refused here exactly when training would
+refuse it (:class:`~internvl_chat.data.meta.MetaError`, same message).
+
+Bad fraction (:attr:`Report.bad_fraction`): the **distinct records** training skips over the distinct
+records one epoch visits (``repeat_time`` >= 1: every record, so ``bad_records / records`` unless some
+are over-long samples that training truncates and keeps, which are problems here but not skipped
+there; a fractional ``repeat_time``: its seeded subset, the one training draws). This is what
+training's :class:`~internvl_chat.data.errors.BadDataTracker` counts (records by ``file:line``, each
+once), so after one epoch the two fractions are equal, and ``--max_bad_fraction`` means the same in
+both. Repeats do not weigh: ``bad_per_epoch / samples_per_epoch`` is reported beside it.
 """
 
 from __future__ import annotations
@@ -60,11 +76,12 @@ from internvl_chat.data.dataset import (
     SAMPLE_TYPES,
     DataConfig,
     SupervisedDataset,
+    resolve_outside_root,
     sample_type,
     write_lengths_sidecar,
 )
-from internvl_chat.data.errors import DataError, check_policy
-from internvl_chat.data.meta import DatasetEntry, expand_indices, load_meta
+from internvl_chat.data.errors import DataError, check_policy, record_error
+from internvl_chat.data.meta import DatasetEntry, expand_indices, load_meta, samples_per_epoch
 
 __all__ = [
     "FATAL_KINDS",
@@ -127,6 +144,8 @@ class _Result:
     supervised: int | None = None  # supervised tokens the training sees
     problem: Problem | None = None
     warning: Problem | None = None
+    warnings: list[Problem] = field(default_factory=list)  # same-role turns, paths outside the root
+    kept: bool = False  # a problem training does not skip: an over-long sample it truncates and trains on
 
 
 @dataclass
@@ -140,6 +159,8 @@ class DatasetSummary:
     samples_per_epoch: int
     bad_records: int = 0
     bad_per_epoch: int = 0
+    records_per_epoch: int = 0  # distinct records an epoch visits (all of them unless repeat_time < 1)
+    skipped_records_per_epoch: int = 0  # of those, the bad ones training skips (not the truncated it keeps)
     types: dict[str, int] = field(default_factory=dict)
     max_dynamic_patch: int | None = None  # the dataset's own tile budget, when the meta file sets one
     sidecar: str | None = None
@@ -202,10 +223,19 @@ class Report:
         return sum(d.bad_per_epoch for d in self.datasets)
 
     @property
+    def records_per_epoch(self) -> int:
+        return sum(d.records_per_epoch for d in self.datasets)
+
+    @property
+    def skipped_records_per_epoch(self) -> int:
+        return sum(d.skipped_records_per_epoch for d in self.datasets)
+
+    @property
     def bad_fraction(self) -> float:
-        """Bad samples per epoch over samples per epoch (what training's bad-data tracker measures)."""
-        if self.samples_per_epoch:
-            return self.bad_per_epoch / self.samples_per_epoch
+        """Bad distinct records over the distinct records an epoch visits: what training's
+        :class:`~internvl_chat.data.errors.BadDataTracker` counts (module docstring)."""
+        if self.records_per_epoch:
+            return self.skipped_records_per_epoch / self.records_per_epoch
         return 1.0 if self.bad_records else 0.0
 
     @property
@@ -236,6 +266,8 @@ class Report:
             "samples_per_epoch": self.samples_per_epoch,
             "bad_records": self.bad_records,
             "bad_per_epoch": self.bad_per_epoch,
+            "records_per_epoch": self.records_per_epoch,
+            "skipped_records_per_epoch": self.skipped_records_per_epoch,
             "bad_fraction": self.bad_fraction,
             "types": self.types,
             "tiles": self.tiles,
@@ -287,8 +319,10 @@ class Report:
                        + _format_distribution(self.supervised))
         out.append("")
         if self.bad_records:
-            out.append(f"bad samples: {self.bad_records} of {self.records} records "
-                       f"({self.bad_per_epoch} of {self.samples_per_epoch} per epoch, {self.bad_fraction:.2%})")
+            out.append(f"bad samples: {self.bad_records} of {self.records} records; bad fraction "
+                       f"{self.bad_fraction:.2%} (training skips {self.skipped_records_per_epoch} of the "
+                       f"{self.records_per_epoch} records an epoch visits; {self.bad_per_epoch} of "
+                       f"{self.samples_per_epoch} samples per epoch are bad)")
             out += _format_problems(self.problems, self.problem_counts, max_examples)
         else:
             out.append(f"bad samples: none in {self.records} records")
@@ -437,8 +471,10 @@ class _ItemChecker:
         file, line = dataset.locate(record)
         result = _Result(entry, record, line)
         try:
-            result.type = sample_type(dataset.record(record))
+            official = dataset.record(record)
+            result.type = sample_type(official)
             item = dataset.build_item(record)
+            result.warnings = self._warnings(entry, official, file, line)
         except DataError as err:
             result.problem = Problem.from_error(err, name, file, line)
             return result
@@ -457,6 +493,22 @@ class _ItemChecker:
         if limit is not None and len(ids) > limit:
             self._over_length(result, ids, labels, limit, name, file, line)
         return result
+
+    def _warnings(self, entry: int, record: dict, file: str, line: int) -> list[Problem]:
+        """What training accepts but is likely a mistake: consecutive turns of one role, and media paths that
+        resolve outside the dataset root (not with ``confine_paths``: then training refuses them, a problem)."""
+        meta = self.entries[entry]
+        found = [Problem("same_role_turns", file, line, message, meta.name)
+                 for message in formats.repeated_roles(record.get("conversations"))]
+        if self.config.confine_paths:
+            return found
+        for key, path in _media_paths(record):
+            outside = resolve_outside_root(meta.root, path)
+            if outside is not None:
+                found.append(Problem("path_outside_root", file, line,
+                                     f"{key} {path!r} resolves to {outside}, outside the dataset root {meta.root} "
+                                     "(training reads it; --confine_paths would skip the sample)", meta.name))
+        return found
 
     def _over_length(self, result: _Result, ids: list[int], labels: list[int], limit: int, name: str,
                      file: str, line: int) -> None:
@@ -480,6 +532,7 @@ class _ItemChecker:
             problem = Problem("too_long", file, line, reason, name)
             result.trained_length = limit
             result.supervised = kept_supervised
+            result.kept = True
             if self.allow_truncation:
                 result.warning = replace(problem, kind="truncated")
             else:
@@ -522,7 +575,21 @@ class StandInTokenizer:
         return dict(self._special)
 
 
+def _media_paths(record: dict) -> list[tuple[str, str]]:
+    """``(field, path)`` of every image and video path of an official record."""
+    image, video_path = record.get("image"), record.get("video")
+    images = [image] if isinstance(image, str) else image if isinstance(image, list) else []
+    paths = [("image", p) for p in images if isinstance(p, str) and p]
+    return paths + ([("video", video_path)] if isinstance(video_path, str) and video_path else [])
+
+
 def _unexpected(exc: BaseException, dataset: str, file: str | None, line: int | None) -> Problem:
+    """A problem for an exception that was not a :class:`DataError`: its real kind when
+    :func:`~internvl_chat.data.errors.record_error` names it (deep nesting, Unicode, huge numbers, memory),
+    else ``unexpected_error`` (fatal)."""
+    err = record_error(exc)
+    if err is not None and err.kind != "unexpected":
+        return Problem(err.kind, file, line, err.reason, dataset)
     return Problem("unexpected_error", file, line,
                    f"{type(exc).__name__}: {exc} (not a recognised data problem: this sample would stop training)",
                    dataset)
@@ -584,12 +651,13 @@ def check_dataset(
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if isinstance(meta, (str, os.PathLike)):
         meta_path: str | None = os.path.abspath(os.fspath(meta))
-        entries = load_meta(meta_path)
+        entries = load_meta(meta_path, log_warnings=False)  # listed in the report instead
     else:
         meta_path, entries = None, list(meta)
 
     collector = _Collector(entries, keep_per_kind)
     local = _ItemChecker(entries, tokenizer, config, allow_truncation)
+    _check_entries(local, collector)
     tasks = _item_tasks(local, collector)
     total = collector.expected_total(local)
 
@@ -638,6 +706,18 @@ def check_dataset(
     return report
 
 
+def _check_entries(checker: _ItemChecker, collector: _Collector) -> None:
+    """The meta file's rules that need the record counts (MetaError, as training raises at start-up: the same
+    :func:`~internvl_chat.data.meta.samples_per_epoch`), and its unknown keys as warnings."""
+    for k, entry in enumerate(checker.entries):
+        num_records = checker.num_records(k)
+        if num_records is not None:
+            samples_per_epoch(entry, num_records)
+        for message in entry.warnings:
+            reason = f"dataset {entry.name!r}: " + message.removeprefix(entry.where() + ": ")
+            collector.warn(Problem("unknown_meta_key", entry.meta_path, entry.meta_line, reason, entry.name))
+
+
 def _chunked(tasks: Iterable[tuple], size: int) -> Iterable[list[tuple]]:
     iterator = iter(tasks)
     while chunk := list(itertools.islice(iterator, size)):
@@ -658,7 +738,8 @@ def _item_tasks(checker: _ItemChecker, collector: _Collector) -> Iterable[tuple]
 def _settings(config: DataConfig, tokenizer: Any, name: str | None) -> dict[str, Any]:
     keys = ("template", "num_image_token", "image_size", "dynamic_image_size", "use_thumbnail", "min_dynamic_patch",
             "max_dynamic_patch", "pad2square", "max_seq_length", "min_num_frame", "max_num_frame", "video_sample",
-            "video_backend", "seed")
+            "video_backend", "seed", "max_image_pixels", "allow_truncated_images", "max_video_frames",
+            "max_video_seconds", "confine_paths")
     settings = {key: getattr(config, key) for key in keys}
     if tokenizer is not None:
         settings["tokenizer"] = name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
@@ -674,6 +755,7 @@ class _Collector:
         n = len(self.entries)
         self.records = [0] * n
         self.bad = [np.zeros(0, bool) for _ in range(n)]
+        self.truncated = [np.zeros(0, bool) for _ in range(n)]  # bad, but training keeps them (truncated)
         self.types: list[Counter[str]] = [Counter() for _ in range(n)]
         self.lengths: list[np.ndarray | None] = [None] * n
         self.unusable: set[int] = set()
@@ -692,6 +774,7 @@ class _Collector:
     def start(self, k: int, num_records: int) -> None:
         self.records[k] = num_records
         self.bad[k] = np.zeros(num_records, bool)
+        self.truncated[k] = np.zeros(num_records, bool)
         self.lengths[k] = np.zeros(num_records, np.int64)
         meta_length = self.entries[k].length
         if meta_length is not None and meta_length != num_records:
@@ -737,6 +820,8 @@ class _Collector:
         k = result.entry
         if result.warning is not None:
             self.warn(result.warning)
+        for warning in result.warnings:
+            self.warn(warning)
         self.types[k]["invalid" if result.type is None else result.type] += 1
         if result.length is not None:  # over-long samples too: they are the distribution's tail
             self.tokens.append(result.length)
@@ -744,6 +829,7 @@ class _Collector:
             self.lengths[k][result.record] = result.trained_length
         if result.problem is not None:
             self.bad[k][result.record] = True
+            self.truncated[k][result.record] = result.kept
             self.problem(result.problem)
             return
         if result.type != "text":
@@ -757,12 +843,17 @@ class _Collector:
         for k, entry in enumerate(self.entries):
             indices = expand_indices(self.records[k], entry.repeat_time, (seed, entry.name))
             bad_per_epoch = int(self.bad[k][indices].sum()) if len(indices) else 0
+            visited = np.unique(indices)
+            skipped = self.bad[k] & ~self.truncated[k]
+            skipped_visited = int(skipped[visited].sum()) if len(visited) else 0
             types = {t: self.types[k].get(t, 0) for t in (*SAMPLE_TYPES, "invalid")}
             all_types.update(self.types[k])
             summaries.append(DatasetSummary(
                 name=entry.name, annotation=entry.annotation, format=_file_format(entry),
                 records=self.records[k], samples_per_epoch=len(indices), bad_records=int(self.bad[k].sum()),
-                bad_per_epoch=bad_per_epoch, types=types, max_dynamic_patch=entry.max_dynamic_patch,
+                bad_per_epoch=bad_per_epoch, records_per_epoch=len(visited),
+                skipped_records_per_epoch=skipped_visited,
+                types=types, max_dynamic_patch=entry.max_dynamic_patch,
                 meta_length=entry.length,
             ))
         # Order problems by file position so a report reads top to bottom.
@@ -836,6 +927,19 @@ def add_data_arguments(parser: Any) -> None:
     group.add_argument("--video_sample", help="rand | middle | fpsX (default rand)")
     group.add_argument("--video_backend", choices=video.BACKENDS)
     group.add_argument("--seed", type=int, help="seed of fractional repeat_time subsets and frame draws (42)")
+    group.add_argument("--max_image_pixels", type=int,
+                       help="images / video frames with more pixels are bad (image_too_large); default 178956970 "
+                            "(PIL's own bomb limit), 0 = no limit")
+    group.add_argument("--allow_truncated_images", type=_bool, nargs="?", const=True, metavar="BOOL",
+                       help="accept truncated image files (grey fill, the official behaviour) instead of reporting "
+                            "them (truncated_image)")
+    group.add_argument("--max_video_frames", type=int, help="videos with more frames are bad (video_too_long); "
+                                                            "default 1000000, 0 = no limit")
+    group.add_argument("--max_video_seconds", type=float, help="longer videos are bad (video_too_long); default "
+                                                               "36000, 0 = no limit")
+    group.add_argument("--confine_paths", action="store_true", default=None,
+                       help="image/video paths that resolve outside the dataset root are bad samples (as training "
+                            "with --confine_paths), not warnings")
 
 
 def setup_from_args(args: Any) -> tuple[Any, DataConfig, str | None]:
@@ -858,6 +962,11 @@ def setup_from_args(args: Any) -> tuple[Any, DataConfig, str | None]:
         "video_sample": args.video_sample,
         "video_backend": args.video_backend,
         "seed": args.seed,
+        "confine_paths": args.confine_paths,
+        "max_image_pixels": args.max_image_pixels,
+        "allow_truncated_images": args.allow_truncated_images,
+        "max_video_frames": args.max_video_frames,
+        "max_video_seconds": args.max_video_seconds,
     }
     if args.model and args.tokenizer:
         raise SetupError("pass --model or --tokenizer, not both")

@@ -38,12 +38,15 @@ class DataCollator:
 
     Output keys: input_ids, labels, attention_mask, position_ids, pixel_values (all tiles concatenated),
     image_flags, and, unless the reduction is `token`, loss_weight. `skipped_samples` lists the bad samples the
-    dataset replaced (reported by the trainer, not fed to the model).
+    dataset replaced (reported by the trainer, not fed to the model). With `with_sample_ids`, `sample_ids` lists
+    the items' `"<file>:<line>"`, so the trainer's bad-data tracker counts distinct records (the trainer pops it;
+    off by default because the model does not take it).
     """
 
     pad_token_id: int
     loss_reduction: str = "token"
     pad_to_multiple_of: int | None = None
+    with_sample_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
@@ -83,4 +86,6 @@ class DataCollator:
         skipped = [s for item in items for s in item.get("skipped", ())]
         if skipped:
             out["skipped_samples"] = skipped
+        if self.with_sample_ids:
+            out["sample_ids"] = [item.get("sample_id") for item in items]
         return out

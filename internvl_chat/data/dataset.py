@@ -43,6 +43,13 @@ element in the list): every problem becomes a :class:`~internvl_chat.data.errors
 (wrapping) instead and lists the skipped samples in the item's ``skipped`` (report lines, see
 :mod:`~internvl_chat.data.errors`); after ``max_consecutive_bad`` bad samples in a row it gives up
 with :class:`~internvl_chat.data.errors.TooMuchBadDataError`. Never a silent random replacement.
+*Every* exception raised while reading, validating, loading or tokenising one record is that record's
+error (:func:`~internvl_chat.data.errors.record_error` names it: JSON nested deeper than 64 levels,
+integers past Python's 4300-digit limit and non-UTF-8 lines are ``invalid_json``, lone surrogates
+``invalid_unicode``, tokenizer failures ``tokenizer_error``, anything else ``unexpected`` with its type
+and message, and its traceback logged once as it may be a bug); only ``KeyboardInterrupt``,
+``SystemExit`` and CUDA out-of-memory propagate. The start-up length scan never raises for a record
+(an unreadable one gets length 1 and is named when built). No item ever has every label ``-100``.
 
 Validation is :func:`~internvl_chat.data.formats.validate_official`'s (roles, placeholders, boxes,
 reserved tokens, ...). Stricter than the official code, on purpose (each is a silent mistrain or a
@@ -74,15 +81,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
 
 from internvl_chat.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_END_TOKEN, VIDEO_PLACEHOLDER
 from internvl_chat.data import formats, video
-from internvl_chat.data.errors import DataError, TooMuchBadDataError, check_policy
-from internvl_chat.data.meta import DatasetEntry, expand_indices, load_meta
-from internvl_chat.data.templates import SampleTooLongError, get_template, tokenize_conversation
+from internvl_chat.data.errors import DataError, TooMuchBadDataError, check_policy, is_run_error, record_error
+from internvl_chat.data.media import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_VIDEO_FRAMES,
+    DEFAULT_MAX_VIDEO_SECONDS,
+    MediaLimits,
+)
+from internvl_chat.data.meta import DatasetEntry, expand_indices, load_meta, samples_per_epoch
+from internvl_chat.data.templates import SampleTooLongError, TokenizerError, get_template, tokenize_conversation
 from internvl_chat.data.tiling import plan_tiles
-from internvl_chat.data.transforms import ImageLoadError, image_to_tiles, load_image
+from internvl_chat.data.transforms import ImageLoadError, image_size, image_to_tiles, load_image
 
 __all__ = [
     "SAMPLE_TYPES",
@@ -91,6 +103,7 @@ __all__ = [
     "build_dataset",
     "lengths_sidecar_path",
     "read_lengths_sidecar",
+    "resolve_outside_root",
     "write_lengths_sidecar",
     "sample_type",
 ]
@@ -120,7 +133,14 @@ class DataConfig:
     (read by the training loop's :class:`~internvl_chat.data.errors.BadDataTracker`),
     ``max_consecutive_bad``, and the two image-conversion switches of
     :func:`~internvl_chat.data.transforms.load_image` (``False`` restores the official pixels for
-    EXIF-rotated and 16-bit images).
+    EXIF-rotated and 16-bit images). Decoding bounds (ours: the official code has none, and loads truncated
+    images; see :mod:`~internvl_chat.data.media`; 0 = no limit):
+    ``max_image_pixels`` (images and video frames, from the header, before decoding),
+    ``max_video_frames``, ``max_video_seconds``; ``allow_truncated_images`` loads cut-off image files
+    with a grey fill (the official behaviour) instead of skipping them.
+    ``confine_paths`` (``--confine_paths``): an image or video path that
+    resolves outside the dataset root (absolute, ``../``, a symlink out) is a bad sample, kind
+    ``path_outside_root`` (default off, as the official code: the checker only warns).
     """
 
     template: str = "internlm2-chat"
@@ -143,6 +163,11 @@ class DataConfig:
     max_consecutive_bad: int = 50
     exif_transpose: bool = True
     rescale_high_bit_depth: bool = True
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allow_truncated_images: bool = False
+    max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES
+    max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
+    confine_paths: bool = False
 
     def __post_init__(self) -> None:
         get_template(self.template)
@@ -172,6 +197,17 @@ class DataConfig:
             )
         if self.video_backend not in video.BACKENDS:
             raise ValueError(f"DataConfig.video_backend must be one of {video.BACKENDS}, got {self.video_backend!r}")
+        try:
+            self.media_limits  # noqa: B018 - validates the four media bounds
+        except ValueError as exc:
+            raise ValueError(f"DataConfig.{exc}") from None
+
+    @property
+    def media_limits(self) -> MediaLimits:
+        """The decoding bounds of :mod:`~internvl_chat.data.media` (pixels, video frames and seconds,
+        truncated images) as one object for the image and video loaders."""
+        return MediaLimits(self.max_image_pixels, self.max_video_frames, self.max_video_seconds,
+                           self.allow_truncated_images)
 
     @classmethod
     def from_args(cls, data_args: Any, **overrides: Any) -> DataConfig:
@@ -329,13 +365,23 @@ def _index_json_list(entry: DatasetEntry) -> _Source:
         ) from None
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text: {exc}", file=path, kind="invalid_json") from None
+    except RecursionError:  # the checker (formats.read_records) names the element
+        raise DataError("an element is nested too deeply to parse; the whole list is unusable", file=path,
+                        kind="invalid_json") from None
+    except ValueError:  # an integer literal past Python's digit limit (4300 by default)
+        raise DataError("a number too large to read (an integer literal past Python's digit limit); the whole "
+                        "list is unusable", file=path, kind="invalid_json") from None
     if not isinstance(elements, list):
         raise DataError(
             f"a .json annotation file must hold a list of samples, got a {type(elements).__name__}",
             file=path,
             kind="invalid_json",
         )
-    pieces = [json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for e in elements]
+    try:
+        pieces = [_element_bytes(e) for e in elements]
+    except RecursionError:
+        raise DataError("an element is nested too deeply to store; the whole list is unusable", file=path,
+                        kind="invalid_json") from None
     del elements
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
     ends = np.cumsum(lengths, dtype=np.int64)
@@ -343,10 +389,18 @@ def _index_json_list(entry: DatasetEntry) -> _Source:
     return _Source(entry, starts, ends, None, b"".join(pieces))
 
 
+def _element_bytes(element: Any) -> bytes:
+    """One JSON-list element as compact UTF-8 JSON; a lone surrogate stays escaped, so that reading the record
+    names it (``invalid_unicode``) instead of the whole file failing here."""
+    try:
+        return json.dumps(element, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(element, separators=(",", ":")).encode("ascii")
+
+
 def _index_source(entry: DatasetEntry, seed: int) -> _Source:
     source = _index_json_list(entry) if _is_json_list(entry.annotation) else _index_jsonl(entry)
-    if source.num_records == 0:
-        logger.warning("dataset %r: annotation file %s holds no samples", entry.name, entry.annotation)
+    samples_per_epoch(entry, source.num_records)  # MetaError for an empty file or an absurd repeat_time
     source.indices = expand_indices(source.num_records, entry.repeat_time, (seed, entry.name))
     return source
 
@@ -402,14 +456,9 @@ def read_lengths_sidecar(annotation: str | os.PathLike, num_records: int) -> np.
 
 
 def _parse_json(raw: bytes) -> Any:
-    if raw.startswith(_BOM):
-        raw = raw[3:]
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc.msg} at column {exc.colno}", kind="invalid_json") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"invalid JSON: not UTF-8 text ({exc.reason})", kind="invalid_json") from None
+    """One record's JSON; every failure is a :class:`DataError` (:func:`formats.parse_json_line`: syntax, UTF-8,
+    nesting depth, huge integers, lone surrogates), so a hostile line never raises anything else."""
+    return formats.parse_json_line(raw)
 
 
 def sample_type(record: dict) -> str:
@@ -467,10 +516,57 @@ def _tile_range(min_patch: int, budget: int) -> tuple[int, int]:
 _cached_plan = functools.lru_cache(maxsize=1 << 16)(plan_tiles)
 
 
-def _join(root: str, path: str) -> str:
+def _join(root: str, path: str, confine: bool = False) -> str:
+    """``root`` + a media path as the official code joins them; with ``confine`` (``--confine_paths``), a path
+    that resolves outside ``root`` is a bad sample (:class:`DataError` kind ``path_outside_root``)."""
     if root.startswith(("s3://", "http://", "https://")):
         return root + path  # the official string concatenation for object stores
-    return os.path.join(root, path) if root else path
+    joined = os.path.join(root, path) if root else path
+    if confine:
+        outside = resolve_outside_root(root, path)
+        if outside is not None:
+            raise DataError(f"{path!r} resolves to {outside}, outside the dataset root {root} (--confine_paths)",
+                            kind="path_outside_root")
+    return joined
+
+
+def resolve_outside_root(root: str, path: str) -> str | None:
+    """Where the media ``path`` really is when that is outside the dataset ``root``, else None.
+
+    Absolute paths and ``../`` escapes are resolved, symlinks followed (``os.path.realpath``), so a link inside
+    ``root`` that points elsewhere counts as outside. No root (``""``: paths are taken from the working
+    directory, as in the official code) and remote roots or paths have no outside. The checker warns with this,
+    and ``--confine_paths`` refuses with it (:func:`_join`), so both draw the line in the same place.
+    """
+    if not root or "://" in root or "://" in path:
+        return None
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, path))
+    if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
+        return None
+    return real
+
+
+_logged_unexpected: set[str] = set()  # exception types whose traceback this process has logged
+
+
+def _as_record_error(exc: Exception, what: str, file: str, line: int) -> Exception:
+    """The exception to raise for one record's failure: a located :class:`DataError` (named by
+    :func:`~internvl_chat.data.errors.record_error`), or ``exc`` itself when it must stop the run.
+
+    An ``unexpected`` one may be a bug in this code rather than in the data: its traceback is logged once per
+    exception type and process, so a bug that makes every sample bad is visible before the bad-fraction
+    limit stops the run.
+    """
+    err = record_error(exc, what)
+    if err is None:
+        return exc
+    err.located(file, line)
+    if err.kind == "unexpected" and type(exc).__name__ not in _logged_unexpected:
+        _logged_unexpected.add(type(exc).__name__)
+        logger.error("%s:%d: %s while %s: skipped as a bad sample, but this may be a bug; traceback (logged "
+                     "once per exception type):", file, line, type(exc).__name__, what, exc_info=exc)
+    return err
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,8 +659,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         try:
             record = self._read_record(source, record_index)
             item = self._make_item(record, source.entry, self._rngs(int(index) % len(self)))
-        except DataError as err:
-            raise err.located(source.path, line)
+            if item["num_supervised"] <= 0:  # tokenize_conversation refuses these; never train on all -100
+                raise DataError("no supervised token in the sample", kind="invalid_conversation")
+        except Exception as exc:  # noqa: BLE001 - every error of one record is that record's (module docstring)
+            err = _as_record_error(exc, "building the sample", source.path, line)
+            if err is exc:
+                raise
+            raise err from exc
         item["sample_id"] = f"{source.path}:{line}"
         return item
 
@@ -581,8 +682,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
             record = formats.to_official(
                 raw, source.entry.format, file=source.path, line=line, image_size_fn=self._size_fn(source.entry)
             )
-        except DataError as err:
-            raise err.located(source.path, line)
+        except Exception as exc:  # noqa: BLE001 - see build_item
+            err = _as_record_error(exc, "reading the record", source.path, line)
+            if err is exc:
+                raise
+            raise err from exc
         if not isinstance(record, dict):
             raise DataError(f"record normalised to a {type(record).__name__}", source.path, line, "invalid_record")
         return record
@@ -591,18 +695,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """``path -> (width, height)`` from the image header, for ms-swift boxes given in pixels."""
 
         def size(rel: str) -> tuple[int, int]:
-            path = _join(entry.root, rel)
+            # The checks of _load_image (regular file, pixel limit), so a FIFO cannot hang the start-up scan.
+            cfg = self.config
+            path = _join(entry.root, rel, cfg.confine_paths)
             try:
-                with Image.open(path) as image:
-                    width, height = image.size
-                    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-            except FileNotFoundError:
-                raise DataError(f"image file not found: {path}", kind="missing_file") from None
-            except Exception as exc:
-                raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}", kind="corrupt_image") from exc
-            if self.config.exif_transpose and orientation in (5, 6, 7, 8):  # rotated by 90 degrees when loaded
-                width, height = height, width
-            return width, height
+                return image_size(path, exif_transpose=cfg.exif_transpose, max_image_pixels=cfg.max_image_pixels,
+                                  allow_truncated=cfg.allow_truncated_images)
+            except ImageLoadError as exc:
+                raise DataError(str(exc), kind=exc.kind) from exc
 
         return size
 
@@ -614,18 +714,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return entry.max_dynamic_patch or self.config.max_dynamic_patch
 
     def _load_image(self, root: str, rel: str) -> Any:
-        path = _join(root, rel)
-        if "://" not in path and not os.path.isfile(path):
-            raise DataError(f"image file not found: {path}", kind="missing_file")
-        try:
+        cfg = self.config
+        path = _join(root, rel, cfg.confine_paths)
+        try:  # load_image names the problem: missing_file, not_a_file, image_too_large, truncated_image, ...
             return load_image(
                 path,
-                exif_transpose=self.config.exif_transpose,
-                rescale_high_bit_depth=self.config.rescale_high_bit_depth,
+                exif_transpose=cfg.exif_transpose,
+                rescale_high_bit_depth=cfg.rescale_high_bit_depth,
+                max_image_pixels=cfg.max_image_pixels,
+                allow_truncated=cfg.allow_truncated_images,
             )
         except ImageLoadError as exc:
-            kind = "missing_file" if isinstance(exc.__cause__, FileNotFoundError) else "corrupt_image"
-            raise DataError(str(exc), kind=kind) from exc
+            raise DataError(str(exc), kind=exc.kind) from exc
 
     def _tiles(self, image: Any, max_num: int, rng: random.Random | None, dynamic: bool | None = None) -> torch.Tensor:
         cfg = self.config
@@ -685,7 +785,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             path = record["video"]
             if not isinstance(path, str):
                 raise DataError(f"'video' must be a path, got {path!r}", kind="invalid_record")
-            frames = self._read_video(_join(entry.root, path), record.get("clip"), video_rng)
+            frames = self._read_video(_join(entry.root, path, self.config.confine_paths), record.get("clip"),
+                                      video_rng)
             target = next((t for t in turns if VIDEO_PLACEHOLDER in t["value"]), None) or _first_user_turn(turns)
             target["value"] = video.expand_video_placeholder(target["value"], len(frames))
             tiles = [self._tiles(frame, 1, augment, dynamic=False) for frame in frames]
@@ -710,6 +811,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             )
         except SampleTooLongError as exc:
             raise DataError(str(exc), kind="too_long") from exc
+        except TokenizerError as exc:
+            raise DataError(str(exc), kind="tokenizer_error") from exc
         except ValueError as exc:
             message = str(exc)
             kind_ = "placeholder_count" if IMAGE_PLACEHOLDER in message else "invalid_conversation"
@@ -737,7 +840,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         try:
             frames, _ = video.read_frames(
                 path, num_frames=num_frames, sample=cfg.video_sample, clip=clip, rng=rng,
-                backend=cfg.video_backend,
+                backend=cfg.video_backend, limits=cfg.media_limits,
             )
         except DataError:
             raise
@@ -767,20 +870,38 @@ class SupervisedDataset(torch.utils.data.Dataset):
         for k, raw in source.iter_raw():
             if not need_parse[k]:
                 continue
-            try:
-                record = formats.to_official(_parse_json(raw), source.entry.format, file=source.path,
-                                             line=source.line_of(k), image_size_fn=self._size_fn(source.entry))
-                kind = sample_type(record)
-                types[k] = SAMPLE_TYPES.index(kind)
-                given = record.get("length")
-                if isinstance(given, int) and not isinstance(given, bool) and given > 0:
-                    lengths[k] = given
-                else:
-                    lengths[k] = self._estimate_length(record, kind, source.entry)
-            except (DataError, ValueError, TypeError, KeyError, AttributeError):
-                types[k] = len(SAMPLE_TYPES)  # invalid
-                lengths[k] = 1
+            types[k], record = self._scan_record(source, k, raw)
+            lengths[k] = 1 if record is None else self._record_length(record, source.entry)
         return lengths, types
+
+    def _scan_record(self, source: _Source, k: int, raw: bytes) -> tuple[int, dict | None]:
+        """(sample type code, record) of one raw record, or (invalid, None) for any record error.
+
+        Nothing a record holds may escape the start-up scan (a line nested 100,000 deep used to stop a run here
+        with a RecursionError naming no line): the scan only estimates, and building the sample reports the
+        error by name, file and line.
+        """
+        try:
+            record = formats.to_official(_parse_json(raw), source.entry.format, file=source.path,
+                                         line=source.line_of(k), image_size_fn=self._size_fn(source.entry))
+            return SAMPLE_TYPES.index(sample_type(record)), record
+        except Exception as exc:  # noqa: BLE001
+            if is_run_error(exc):
+                raise
+            return len(SAMPLE_TYPES), None
+
+    def _record_length(self, record: dict, entry: DatasetEntry) -> int:
+        """The record's ``length`` field when it is a plausible token count, else the estimate; 1 when even
+        the estimate fails on odd values (the sample's own build then names the problem)."""
+        given = record.get("length")
+        if isinstance(given, int) and not isinstance(given, bool) and 0 < given < 2**31:
+            return given
+        try:
+            return self._estimate_length(record, sample_type(record), entry)
+        except Exception as exc:  # noqa: BLE001 - e.g. a width of 10**4000 overflows a float
+            if is_run_error(exc):
+                raise
+            return 1
 
     def _estimate_length(self, record: dict, kind: str, entry: DatasetEntry) -> int:
         """Text characters / 3 plus the image tokens of the planned tiles (no tokenizer, no pixels)."""
@@ -837,14 +958,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 sidecar_only = types < 0
                 for j, raw in source.iter_raw():
                     if sidecar_only[j]:
-                        try:
-                            record = formats.to_official(
-                                _parse_json(raw), source.entry.format, file=source.path, line=source.line_of(j),
-                                image_size_fn=self._size_fn(source.entry),
-                            )
-                            types[j] = SAMPLE_TYPES.index(sample_type(record))
-                        except (DataError, ValueError, TypeError, KeyError, AttributeError):
-                            types[j] = len(SAMPLE_TYPES)
+                        types[j] = self._scan_record(source, j, raw)[0]
             values, numbers = np.unique(types[source.indices], return_counts=True)
             for value, number in zip(values.tolist(), numbers.tolist()):
                 counts[names[value]] += number

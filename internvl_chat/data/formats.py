@@ -58,7 +58,11 @@ Validation (:func:`validate_official`, applied to every result) raises :class:`D
 ``kind`` values:
 
 ==================== ==================================================================================
-``invalid_json``     a line (or JSON-list element) that does not parse (:func:`read_records`)
+``invalid_json``     a line (or JSON-list element) that does not parse (:func:`read_records`), is not UTF-8,
+                     nests deeper than :data:`MAX_JSON_DEPTH` or holds an integer past Python's 4300-digit
+                     limit (:func:`parse_json_line`)
+``invalid_unicode``  a string with a lone surrogate escape (``"\\ud800"``): valid JSON, but not text any
+                     tokenizer can encode
 ``invalid_record``   the record is not a JSON object
 ``unknown_format``   no ``conversations``/``messages``/``query``/``response``; unknown format name
 ``bad_turn``         a turn that is not ``{"from": str, "value": str}`` (or the ms-swift equivalent)
@@ -83,6 +87,9 @@ Placeholder rule: no images → no ``<image>``; one image → zero (the dataset 
 one-element ``image`` list counts as one image. At most one ``<video>``, only with a video, and no ``<image>``
 in a video sample. Placeholders may sit in any human turn (the official dataset only looks at the first turn
 before prepending, so the dataset layer must count them over all turns, as we do here).
+
+Consecutive turns of the same role (two human or two gpt turns in a row) are legal, as in the official code;
+:func:`repeated_roles` names them, and ``tools/check_data.py`` lists them as warnings.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,7 +125,9 @@ __all__ = [
     "count_records",
     "detect_file_format",
     "detect_format",
+    "parse_json_line",
     "read_records",
+    "repeated_roles",
     "to_official",
     "validate_official",
 ]
@@ -822,6 +832,22 @@ def validate_official(record: Any) -> None:
         raise DataError("a <video> placeholder but the sample has no video", kind="placeholder_count")
 
 
+def repeated_roles(conversations: Any) -> list[str]:
+    """One message per pair of consecutive turns of the same role (two questions or two answers in a row).
+
+    Not an error: the templates render them, and the official code trains on them. But a question left without
+    its answer, or two answers to one question, is almost always a merge or conversion slip, so the checker lists
+    them as warnings. Turn numbers are 0-based, as in :func:`validate_official`'s messages.
+    """
+    if not isinstance(conversations, list):
+        return []
+    roles = [turn.get("from") if isinstance(turn, Mapping) else None for turn in conversations]
+    what = {HUMAN: "two human turns in a row (the first question gets no answer)",
+            GPT: "two gpt turns in a row (two answers to one question)"}
+    return [f"turns {k - 1} and {k} are both {role!r}: {what[role]}"
+            for k, role in enumerate(roles) if k and role in what and roles[k - 1] == role]
+
+
 def _official_images(image: Any) -> list[str]:
     if image in (None, "", []):
         return []
@@ -850,6 +876,88 @@ def _too_many_videos(n: int) -> DataError:
 _CHUNK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _WS = " \t\r\n"
+
+# Real records nest 3 to 6 levels ({"conversations": [{...}]}, ms-swift objects); 64 leaves room for any metadata
+# and stays far below Python's recursion limit (1000), which json.loads, repr() and our own walks share with the
+# caller's stack: a line nested 100,000 deep raised RecursionError from the length scan at start-up.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in a JSON text (brackets inside strings do not count)."""
+    opening = text.count("[") + text.count("{")
+    if opening <= MAX_JSON_DEPTH:  # C-speed shortcut for almost every line
+        return opening
+    import numpy as np  # vectorised: a shallow line of millions of brackets must not cost seconds per read
+
+    chars = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), np.uint8)
+    if chars.size == 0:
+        return 0
+    steps = ((chars == ord("[")) | (chars == ord("{"))).astype(np.int32)
+    steps -= (chars == ord("]")) | (chars == ord("}"))
+    return int(np.cumsum(steps).max())
+
+
+def parse_json_line(raw: bytes | str) -> Any:
+    """One JSON value from a line (bytes: strict UTF-8, a leading BOM dropped), or a :class:`DataError`.
+
+    Every way a line can fail is named: ``invalid_json`` for bad syntax, non-UTF-8 bytes, nesting deeper than
+    :data:`MAX_JSON_DEPTH` (checked on the text before parsing, so nothing recurses) and integer literals past
+    Python's digit limit (4300 by default); ``invalid_unicode`` for a ``\\ud800``-style escape without its pair
+    (a lone surrogate: valid JSON, but no tokenizer can encode it). ``json.loads`` on bytes would guess UTF-16/32
+    from NUL bytes and let UTF-8-encoded surrogates through; decoding strictly first rules both out.
+    """
+    if isinstance(raw, (bytes, bytearray)):
+        if raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"invalid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            kind="invalid_json") from None
+    else:
+        text = raw
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise DataError(f"invalid JSON: arrays/objects nested deeper than {MAX_JSON_DEPTH} levels",
+                        kind="invalid_json")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg} at column {exc.colno}", kind="invalid_json") from None
+    except RecursionError:  # unreachable after the depth check; kept so a deep line can never crash a run
+        raise DataError("invalid JSON: nested too deeply to parse", kind="invalid_json") from None
+    except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"invalid JSON: a number too large to read (an integer literal of more than "
+                        f"{sys.get_int_max_str_digits()} digits)", kind="invalid_json") from None
+    if _SURROGATE_ESCAPE.search(text):
+        _check_unicode(value)
+    return value
+
+
+def _needs_line_checks(text: str, start: int, end: int) -> bool:
+    """Whether :func:`parse_json_line` could refuse ``text[start:end]``, which parsed (deep nesting, lone
+    surrogates)."""
+    return (text.count("[", start, end) + text.count("{", start, end) > MAX_JSON_DEPTH
+            or _SURROGATE_ESCAPE.search(text, start, end) is not None)
+
+
+def _check_unicode(value: Any, path: str = "") -> None:
+    """Raise ``invalid_unicode`` for the first string (key or value) holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"invalid Unicode: lone surrogate {value[exc.start]!r} in {path or 'the record'} "
+                            "(a \\uD800-\\uDFFF escape without its pair)", kind="invalid_unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, f"{path}.<key>" if path else "a key")
+            _check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, f"{path}[{index}]")
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -905,9 +1013,9 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
             if not raw.strip():
                 continue
             try:
-                value = json.loads(raw)
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-                yield line_no, DataError(f"invalid JSON: {exc}", file=path, line=line_no, kind="invalid_json")
+                value = parse_json_line(raw)
+            except DataError as err:
+                yield line_no, err.located(path, line_no)
                 continue
             yield line_no, _record_or_error(value, path, line_no)
 
@@ -987,13 +1095,25 @@ def _read_json_list(path: str) -> Iterator[tuple[int, Any]]:
                             continue
                         yield error(index, f"{exc.msg}")
                         return
+                    except RecursionError:  # the whole list is unreadable: JSON has no resynchronisation point
+                        yield error(index, "nested too deeply to parse")
+                        return
+                    except ValueError:  # an integer literal past Python's digit limit
+                        yield error(index, f"a number too large to read (an integer literal of more than "
+                                           f"{sys.get_int_max_str_digits()} digits)")
+                        return
                     if end == len(buf) and not eof and more(read_size):
                         continue  # a bare number/literal may go on in the next chunk
                     break
                 start_line = newlines + 1
                 newlines += buf.count("\n", pos, end)
-                pos = end
                 record = _record_or_error(value, path, index)
+                if not isinstance(record, DataError) and _needs_line_checks(buf, pos, end):
+                    try:
+                        parse_json_line(buf[pos:end])  # what a JSON line is refused for: deep nesting, surrogates
+                    except DataError as err:
+                        record = err
+                pos = end
                 if isinstance(record, DataError):
                     record = DataError(f"{record.reason} (file line {start_line})", file=path, line=index,
                                        kind=record.kind)

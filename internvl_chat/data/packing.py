@@ -430,7 +430,8 @@ class PackedCollator:
     each supervised token of a sample `token_weight(num_supervised of that ORIGINAL sample)`. A pack longer than
     `max_packed_tokens` real tokens becomes several rows; no sample is ever cut. `use_cache=False` is passed
     because a KV cache in the forward disables transformers' packed-sequence detection (the mask would then be
-    plainly causal across samples). `skipped_samples` lists what the dataset skipped, as in `DataCollator`.
+    plainly causal across samples). `skipped_samples` lists what the dataset skipped, and `sample_ids` (with
+    `with_sample_ids`) the items' ids, as in `DataCollator`.
     """
 
     pad_token_id: int
@@ -438,6 +439,7 @@ class PackedCollator:
     max_packed_tokens: int | None = None
     pad_to_multiple_of: int | None = None
     flash_attn_kwargs: bool = True
+    with_sample_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
@@ -528,5 +530,7 @@ class PackedCollator:
         skipped = [s for item in items_in_order for s in item.get("skipped", ())]
         if skipped:
             out["skipped_samples"] = skipped
+        if self.with_sample_ids:
+            out["sample_ids"] = [item.get("sample_id") for item in items_in_order]
         return out
 

@@ -59,6 +59,8 @@ all -100 labels, in the cases below. We never return a sample without a supervis
   the replies' ends). Ours are the uncut labels cut at ``max_length``: the same ``input_ids``, correct labels.
 - As in the official code, a leading assistant turn (after an optional system turn) is dropped for every template
   except ``internvl2_5``, which keeps and supervises it.
+- An exception from the tokenizer itself (e.g. ``TypeError`` or a Rust panic on a lone surrogate) is raised as
+  :class:`TokenizerError` (a ``ValueError``) naming the original, so one sample's text never stops a run unnamed.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ __all__ = [
     "TEMPLATE_NAMES",
     "SampleTooLongError",
     "Template",
+    "TokenizerError",
     "get_template",
     "image_block",
     "tokenize_conversation",
@@ -99,6 +102,15 @@ class SampleTooLongError(ValueError):
     """A sample cannot be cut to ``max_length`` without losing image tokens or every supervised token.
 
     The dataset layer should count and skip such samples rather than train on a broken one.
+    """
+
+
+class TokenizerError(ValueError):
+    """The tokenizer raised on a sample's text (e.g. a Rust tokenizer's ``TypeError`` or panic on a lone
+    surrogate, which the dataset's JSON reading already refuses as ``invalid_unicode``).
+
+    Any exception from a tokenizer call becomes this, with the original type and message, so the dataset can
+    skip and name the sample (kind ``tokenizer_error``) instead of a bare traceback stopping the run.
     """
 
 
@@ -314,7 +326,19 @@ def _affixes(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    try:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as exc:  # noqa: BLE001 - named for the dataset; see TokenizerError
+        raise TokenizerError(f"the tokenizer failed on this text: {type(exc).__name__}: {_short(exc)}") from exc
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":  # KeyboardInterrupt, SystemExit
+            raise
+        raise TokenizerError(f"the tokenizer panicked on this text: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _tokenize_chunks(tokenizer, chunks: list[Chunk]) -> tuple[list[int], list[bool]]:

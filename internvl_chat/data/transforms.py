@@ -13,6 +13,14 @@ Behaviour that differs from the official pipeline: EXIF orientation is applied, 
 float images are scaled to 8 bits instead of being clipped to white (both switchable per call, see
 :func:`to_rgb`); ``pad2square`` is honoured even with ``data_augment`` (see :func:`image_to_tiles`).
 Everything else matches the official code bit for bit.
+
+Loading (:func:`load_image`) is stricter than the official dataset, which sets
+``Image.MAX_IMAGE_PIXELS = None`` and ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` for the whole
+process: a decompression bomb is refused from its header (``max_image_pixels``, default PIL's own
+threshold, see :mod:`~internvl_chat.data.media`) instead of being decoded, a truncated file is an
+error (``allow_truncated=True`` restores the official grey fill), and a path that is not a regular
+file (FIFO, device, directory, symlink loop) is refused before it is opened. PIL's global settings
+are left alone unless a caller asks for more than they allow (see :func:`_pil_settings`).
 """
 
 from __future__ import annotations
@@ -21,11 +29,11 @@ import io
 import os
 import random
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import cache
 from numbers import Integral
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -39,14 +47,19 @@ from internvl_chat.constants import (
     SIGLIP_MEAN,
     SIGLIP_STD,
 )
+from internvl_chat.data.errors import DataError
+from internvl_chat.data.media import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, open_regular_file, sniff_image_size
 from internvl_chat.data.tiling import dynamic_preprocess
 
 __all__ = [
     "NORMALIZE_TYPES",
     "JPEG_QUALITIES",
     "ImageLoadError",
+    "ImageTooLargeError",
     "mean_std",
     "load_image",
+    "open_image",
+    "image_size",
     "to_rgb",
     "pad2square",
     "jpeg_recompress",
@@ -86,50 +99,177 @@ def mean_std(normalize_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class ImageLoadError(OSError):
-    """An image file could not be opened or decoded; the message names the file."""
+    """An image file could not be opened or decoded; the message names the file.
+
+    ``kind`` says why, in the words of :class:`~internvl_chat.data.errors.DataError`:
+    ``missing_file``, ``not_a_file``, ``unreadable_file``, ``image_too_large``, ``truncated_image``
+    or ``corrupt_image``.
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt_image") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.kind))
 
 
-_pil_lock = threading.Lock()
-_pil_users = 0
-_pil_saved: tuple = ()
+class ImageTooLargeError(ImageLoadError, ValueError):
+    """The image has more pixels than allowed (found from its header, before decoding)."""
+
+    def __init__(self, message: str, kind: str = "image_too_large") -> None:
+        super().__init__(message, kind)
+
+
+class _GlobalOverride:
+    """Set one PIL module global while at least one loader needs it, reference-counted.
+
+    PIL reads these globals at decode time and has no per-image switch. The value is set when the
+    first user enters and restored when the last one leaves, so threads loading in parallel never
+    see it flip mid-decode and decoding is not serialised. Other code that opens images from another
+    thread at that moment sees the changed value too: that is why only what a caller asked for is
+    changed (see :func:`_pil_settings`).
+    """
+
+    def __init__(self, module: Any, name: str, value: Callable[[Any], Any]) -> None:
+        self.module, self.name, self.value = module, name, value
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: Any = None
+
+    def original(self) -> Any:
+        """The value outside of any load (what it was before the first current user set it)."""
+        with self._lock:
+            return self._saved if self._users else getattr(self.module, self.name)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = getattr(self.module, self.name)
+                setattr(self.module, self.name, self.value(self._saved))
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    setattr(self.module, self.name, self._saved)
+
+
+# The official dataset raises PNG's text-chunk limit (large metadata in scraped PNGs); never lowers it.
+_TEXT_CHUNK = _GlobalOverride(PngImagePlugin, "MAX_TEXT_CHUNK", lambda old: max(old, _PNG_TEXT_CHUNK_LIMIT))
+_TRUNCATED = _GlobalOverride(ImageFile, "LOAD_TRUNCATED_IMAGES", lambda old: True)
+_NO_PIL_PIXEL_LIMIT = _GlobalOverride(Image, "MAX_IMAGE_PIXELS", lambda old: None)
 
 
 @contextmanager
-def _permissive_pil() -> Iterator[None]:
-    """Lift PIL's safety limits the way the official dataset does, only while images load.
+def _pil_settings(max_image_pixels: int, allow_truncated: bool) -> Iterator[None]:
+    """PIL's globals for one load, changed only as far as the caller asked.
 
-    The official code sets ``Image.MAX_IMAGE_PIXELS = None``, ``LOAD_TRUNCATED_IMAGES = True`` and a
-    100 MiB PNG text-chunk limit at import, for the whole process. PIL reads these module globals at
-    decode time and has no per-image switch, so we set them on entry and restore them when the last
-    concurrent loader leaves (reference-counted, so threads decoding in parallel never see them
-    flip mid-decode and decoding is not serialised). Other code that opens images from another
-    thread during a load sees the permissive values for that moment.
+    * The PNG text-chunk limit is raised to the official 100 MiB (bounded; metadata only).
+    * ``LOAD_TRUNCATED_IMAGES`` is turned on only for ``allow_truncated`` (the official setting).
+    * PIL's own pixel limit is lifted only when ours is higher (``max_image_pixels`` 0, or above
+      ``2 * Image.MAX_IMAGE_PIXELS``): our header check then bounds the image instead. With the
+      default limit PIL's global stays as it is.
     """
-    global _pil_users, _pil_saved
-    with _pil_lock:
-        if _pil_users == 0:
-            _pil_saved = (
-                Image.MAX_IMAGE_PIXELS,
-                ImageFile.LOAD_TRUNCATED_IMAGES,
-                PngImagePlugin.MAX_TEXT_CHUNK,
-            )
-            Image.MAX_IMAGE_PIXELS = None
-            ImageFile.LOAD_TRUNCATED_IMAGES = True
-            PngImagePlugin.MAX_TEXT_CHUNK = max(
-                PngImagePlugin.MAX_TEXT_CHUNK, _PNG_TEXT_CHUNK_LIMIT
-            )
-        _pil_users += 1
-    try:
+    pil_limit = _NO_PIL_PIXEL_LIMIT.original()
+    lift = pil_limit is not None and (max_image_pixels == 0 or max_image_pixels > 2 * pil_limit)
+    with ExitStack() as stack:
+        stack.enter_context(_TEXT_CHUNK.applied())
+        if allow_truncated:
+            stack.enter_context(_TRUNCATED.applied())
+        if lift:
+            stack.enter_context(_NO_PIL_PIXEL_LIMIT.applied())
         yield
-    finally:
-        with _pil_lock:
-            _pil_users -= 1
-            if _pil_users == 0:
-                (
-                    Image.MAX_IMAGE_PIXELS,
-                    ImageFile.LOAD_TRUNCATED_IMAGES,
-                    PngImagePlugin.MAX_TEXT_CHUNK,
-                ) = _pil_saved
+
+
+def _check_limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise ValueError(f"max_image_pixels must be an int >= 0 (0 = no limit), got {value!r}")
+    return int(value)
+
+
+@contextmanager
+def _open_checked(
+    source: str | os.PathLike | IO[bytes], name: str, max_image_pixels: int
+) -> Iterator[Image.Image]:
+    """PIL's lazily opened image (header parsed, no pixels), after the path and size checks."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            fp = open_regular_file(source, what="image")
+        except DataError as err:
+            raise ImageLoadError(err.reason, err.kind) from None
+    else:
+        fp = nullcontext(source)
+    with fp as stream:
+        if stream.seekable():
+            size = sniff_image_size(stream)
+            if size is not None:
+                _check_size(size, max_image_pixels, name)
+        try:
+            image = Image.open(stream)
+        except Image.DecompressionBombError as exc:  # PIL's own limit, in a format we do not sniff
+            raise ImageTooLargeError(f"image {name!r} is too large: {exc}") from exc
+        except Exception as exc:
+            empty = stream.seekable() and stream.seek(0, os.SEEK_END) == 0
+            why = "the file is empty (0 bytes)" if empty else f"{type(exc).__name__}: {exc}"
+            raise ImageLoadError(f"cannot load image {name!r}: {why}") from exc
+        with image:
+            _check_size(image.size, max_image_pixels, name)  # formats not sniffed; GIF frame extents
+            yield image
+
+
+def _check_size(size: tuple[int, int], max_image_pixels: int, name: str) -> None:
+    try:
+        check_pixels(size[0], size[1], max_image_pixels, f"image {name!r}")
+    except DataError as err:
+        raise ImageTooLargeError(err.reason) from None
+
+
+def _truncated(exc: BaseException, name: str) -> ImageLoadError | None:
+    """PIL's own truncation error (raised while ``LOAD_TRUNCATED_IMAGES`` is off) as ``truncated_image``."""
+    if not (isinstance(exc, OSError) and str(exc).startswith("image file is truncated")):
+        return None
+    return ImageLoadError(
+        f"image {name!r} is truncated ({exc}); pass --allow_truncated_images to load such files with the "
+        "missing part grey, as the official code does",
+        kind="truncated_image",
+    )
+
+
+def _decode(image: Image.Image, name: str) -> None:
+    """``image.load()``, naming a cut-off file ``truncated_image``."""
+    try:
+        image.load()
+    except OSError as exc:
+        error = _truncated(exc, name)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _source_name(source: str | os.PathLike | IO[bytes]) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return getattr(source, "name", "<file object>")
+
+
+@contextmanager
+def open_image(
+    source: str | os.PathLike | IO[bytes],
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_truncated: bool = False,
+) -> Iterator[Image.Image]:
+    """PIL's lazily opened image (header parsed, nothing decoded) after :func:`load_image`'s checks,
+    with the PIL settings for decoding it in effect until the block ends (for callers that decode
+    several frames themselves). Raises :class:`ImageLoadError` for the checks and the open."""
+    max_image_pixels = _check_limit(max_image_pixels)
+    name = _source_name(source)
+    with _pil_settings(max_image_pixels, allow_truncated), _open_checked(source, name, max_image_pixels) as image:
+        yield image
 
 
 def load_image(
@@ -137,26 +277,67 @@ def load_image(
     *,
     exif_transpose: bool = True,
     rescale_high_bit_depth: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_truncated: bool = False,
 ) -> Image.Image:
     """Open and fully decode an image file and return it as RGB (see :func:`to_rgb`).
 
-    Like the official dataset: truncated files load (the missing part stays black/grey) and there
-    is no decompression-bomb pixel limit; PIL's global limits are relaxed only during this call.
-    Any failure raises :class:`ImageLoadError` (an ``OSError``) whose message names the file.
+    Before anything is decoded: a path must be a regular file (a FIFO, device, directory or symlink
+    loop is refused, see :mod:`~internvl_chat.data.media`), and the image may have at most
+    ``max_image_pixels`` pixels (0: no limit), read from its header, so a decompression bomb costs
+    neither time nor memory. Only the first frame of an animated GIF/PNG/WebP is decoded (its canvas
+    is what is checked). A truncated file is refused (``truncated_image``) unless
+    ``allow_truncated``, which loads it with the missing part grey as the official code does.
+
+    Any failure raises :class:`ImageLoadError` (an ``OSError``) whose message names the file and
+    whose ``kind`` names the problem; an image over the limit raises :class:`ImageTooLargeError`,
+    which is also a ``ValueError``.
     """
-    name = (
-        os.fspath(source)
-        if isinstance(source, (str, os.PathLike))
-        else getattr(source, "name", "<file object>")
-    )
+    _check_limit(max_image_pixels)  # a bad argument is a ValueError, not a bad image
+    name = _source_name(source)
     try:
-        with _permissive_pil(), Image.open(source) as image:
-            image.load()
-            return to_rgb(
-                image, exif_transpose=exif_transpose, rescale_high_bit_depth=rescale_high_bit_depth
-            )
+        with open_image(source, max_image_pixels=max_image_pixels, allow_truncated=allow_truncated) as image:
+            _decode(image, name)
+            _check_size(image.size, max_image_pixels, name)  # a plugin that decoded more than it declared
+            return to_rgb(image, exif_transpose=exif_transpose, rescale_high_bit_depth=rescale_high_bit_depth)
+    except ImageLoadError:
+        raise
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...
         raise ImageLoadError(f"cannot load image {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def image_size(
+    source: str | os.PathLike | IO[bytes],
+    *,
+    exif_transpose: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_truncated: bool = False,
+) -> tuple[int, int]:
+    """``(width, height)`` of the image :func:`load_image` would return, from the header.
+
+    The same checks as :func:`load_image` (regular file, pixel limit); an EXIF rotation by 90
+    degrees swaps the sides when ``exif_transpose``. Reading the EXIF block of a PNG that stores it
+    after the pixel data makes PIL decode the image (bounded by the limit checked first).
+    """
+    _check_limit(max_image_pixels)  # a bad argument is a ValueError, not a bad image
+    name = _source_name(source)
+    try:
+        with open_image(source, max_image_pixels=max_image_pixels, allow_truncated=allow_truncated) as image:
+            width, height = image.size
+            if not exif_transpose:
+                return width, height
+            try:
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            except OSError as exc:
+                error = _truncated(exc, name)
+                if error is None:
+                    raise
+                raise error from exc
+    except ImageLoadError:
+        raise
+    except Exception as exc:
+        raise ImageLoadError(f"cannot read image {name!r}: {type(exc).__name__}: {exc}") from exc
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,10 +17,23 @@ packet-timestamp index. decord is used only when ``backend="decord"`` is asked f
 test clips it returns pixel-identical frames). GIFs and frame folders are always read with PIL.
 
 Every problem with the data raises :class:`~internvl_chat.data.errors.DataError` with a ``kind``:
-``missing_file``, ``corrupt_video``, ``empty_video`` (no frames), ``bad_clip`` (malformed clip or
-bound), ``clip_out_of_range``, ``placeholder_count``. Bad arguments from the calling code (an
-unknown ``sample`` rule, ``num_frames < 1``) raise ``ValueError``/``TypeError`` instead, and a
-missing optional package raises ``ImportError``: those are not problems of one sample.
+``missing_file``, ``not_a_file`` (a FIFO, device, socket or symlink loop: refused from ``stat``,
+never opened, so nothing blocks), ``corrupt_video``, ``empty_video`` (no frames), ``video_too_long``
+(over ``max_video_frames`` or ``max_video_seconds``), ``image_too_large`` (a frame over
+``max_image_pixels``), ``truncated_image`` (a cut-off image in a frame folder), ``bad_clip``
+(malformed clip or bound), ``clip_out_of_range``, ``placeholder_count``. Bad arguments from the
+calling code (an unknown ``sample`` rule, ``num_frames < 1``) raise ``ValueError``/``TypeError``
+instead, and a missing optional package raises ``ImportError``: those are not problems of one sample.
+
+Bounds (:class:`~internvl_chat.data.media.MediaLimits`, defaults and reasons in
+:mod:`~internvl_chat.data.media`) are checked when a source is opened, before a frame is decoded:
+the declared (or counted) frame count, the duration it gives with the frame rate, and the frame size
+from the stream header (PyAV; with decord too when PyAV is installed) or a GIF's canvas; each decoded
+frame's size is checked again before it is converted (a stream may change resolution). A container
+that declares no frame count is counted by demuxing, which stops past ``max_video_frames``. GIF frame
+counts and durations are read from the file's block structure, without decoding (PIL would decode
+every frame to tell). PyAV and decord open a video by its path after the ``stat`` check; a file
+swapped for a FIFO in between is the one case this does not cover.
 
 Differences from the official code, each on purpose:
 
@@ -39,6 +52,8 @@ Differences from the official code, each on purpose:
   seconds and ``fpsX`` into frames (the official code ignored clips on folders).
 * The ``<video>`` placeholder without a following newline is still expanded
   (:func:`expand_video_placeholder`); the official code left it in the text.
+* Frame count, duration and frame size are bounded (above); the official reader had no bound, and
+  its only existence check (``os.path.exists``) let a FIFO hang the data loader forever.
 """
 
 from __future__ import annotations
@@ -47,22 +62,26 @@ import math
 import os
 import random
 import re
+import stat
+import struct
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from internvl_chat.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl_chat.data.errors import DataError
-from internvl_chat.data.transforms import ImageLoadError, image_to_tiles, load_image
+from internvl_chat.data.media import MediaLimits, check_media_path, check_pixels, open_regular_file
+from internvl_chat.data.transforms import ImageLoadError, image_to_tiles, load_image, open_image
 
 __all__ = [
     "BACKENDS",
     "CLIP_END_TOLERANCE_S",
+    "MediaLimits",
     "FRAME_EXTENSIONS",
     "VideoInfo",
     "choose_num_frames",
@@ -242,7 +261,12 @@ def _fps_indices(rate: float, vlen: int, fps: float, limit: int | None) -> list[
     """Official ``fpsX``: one frame every ``1/X`` s of video, at the middle of each step."""
     duration = float(vlen) / fps
     delta = 1.0 / rate
-    seconds = np.arange(0 + delta / 2, duration + delta / 2, delta)
+    stop = duration + delta / 2
+    if limit is not None:
+        # Only the first ``limit`` are kept: stop the range just after them. np.arange's values do not
+        # depend on ``stop`` (start + i * step), so the kept ones are the same as the official full range's.
+        stop = min(stop, delta / 2 + (limit + 1) * delta)
+    seconds = np.arange(0 + delta / 2, stop, delta)
     indices = [int(i) for i in np.around(seconds * fps).astype(int) if i < vlen]
     if limit is not None:
         indices = indices[:limit]
@@ -383,12 +407,15 @@ class _PyAVSource:
 
     kind = "video"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, limits: MediaLimits) -> None:
         self._av = _import_av()
         self.path = path
+        self.limits = limits
         self._pts: list[int] | None = None  # presentation timestamps in frame order, once built
         self._open()
         try:
+            context = self.stream.codec_context
+            self.frame_size = (context.width, context.height) if context.width and context.height else None
             declared = self.stream.frames or 0
             # mkv/webm and some other containers declare no frame count: count the packets.
             self.num_frames = declared if declared > 0 else self._demux_count()
@@ -432,10 +459,18 @@ class _PyAVSource:
         return None
 
     def _demux_pts(self) -> list[int | None]:
-        """Timestamps of every video packet, read by a separate demux pass (no decoding)."""
+        """Timestamps of every video packet, read by a separate demux pass (no decoding); stops with
+        ``video_too_long`` past ``max_video_frames`` packets."""
+        limit = self.limits.max_video_frames
+        pts: list[int | None] = []
         with self._av.open(self.path) as container:
             stream = container.streams.video[0]
-            return [packet.pts for packet in container.demux(stream) if packet.size > 0]
+            for packet in container.demux(stream):
+                if packet.size > 0:
+                    pts.append(packet.pts)
+                    if limit and len(pts) > limit:
+                        raise _too_many_frames(self.path, f"more than {limit:,}", limit)
+        return pts
 
     def _demux_count(self) -> int:
         pts = self._demux_pts()
@@ -469,13 +504,18 @@ class _PyAVSource:
             raise _ShortVideo(decoded)
         return [found[i] for i in indices]
 
+    def _to_image(self, frame) -> Image.Image:
+        """RGB image of a decoded frame, after checking its size (the stream may change resolution)."""
+        check_pixels(frame.width, frame.height, self.limits.max_image_pixels, f"a frame of video {self.path!r}")
+        return frame.to_image()
+
     def _collect_in_order(self, wanted: set[int], found: dict) -> int:
         """Decode from the start, keep the wanted frames; returns the frames decoded."""
         last, decoded = max(wanted), 0
         for index, frame in enumerate(self.container.decode(self.stream)):
             decoded = index + 1
             if index in wanted:
-                found[index] = frame.to_image()
+                found[index] = self._to_image(frame)
             if index >= last:
                 break
         return decoded
@@ -493,7 +533,7 @@ class _PyAVSource:
                 return None
             decoded = index + 1
             if index in wanted:
-                found[index] = frame.to_image()
+                found[index] = self._to_image(frame)
             if index >= last:
                 break
         return decoded
@@ -504,9 +544,10 @@ class _DecordSource:
 
     kind = "video"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, limits: MediaLimits) -> None:
         decord = _import_decord()
         self.path = path
+        self.frame_size = _frame_size_from_pyav(path)  # decord has no header API: checked before it decodes
         try:
             self.reader = decord.VideoReader(path, num_threads=1)
             self.num_frames = len(self.reader)
@@ -526,40 +567,121 @@ class _DecordSource:
         return [Image.fromarray(batch[i]) for i in range(batch.shape[0])]
 
 
+def _gif_block(fp) -> bytes | None:
+    """One GIF data sub-block; None at the zero-length terminator (or the end of the file)."""
+    size = fp.read(1)
+    if not size or size[0] == 0:
+        return None
+    return fp.read(size[0])
+
+
+def _skip_gif_blocks(fp) -> None:
+    """Seek past the remaining sub-blocks of an extension or of a frame's compressed data."""
+    while True:
+        size = fp.read(1)
+        if not size or size[0] == 0:
+            return
+        fp.seek(size[0], os.SEEK_CUR)
+
+
+def _scan_gif(fp, max_frames: int) -> tuple[list[int], tuple[int, int]]:
+    """Per-frame durations (ms) and the canvas size, from the GIF's block structure alone.
+
+    PIL can tell both only by seeking through the frames, which decodes every one of them (a GIF of
+    many large frames then costs minutes before a single frame is chosen); this walk reads a few bytes
+    per block and seeks over the compressed data. It follows PIL's reading: a frame's duration comes
+    from the graphic control extension before it (missing or 0: :data:`_GIF_DEFAULT_FRAME_MS`), and a
+    frame reaching past the logical screen enlarges the canvas. Stops after ``max_frames + 1`` frames
+    (0: no limit), enough to refuse the file.
+    """
+    head = fp.read(13)
+    if len(head) < 13 or head[:6] not in (b"GIF87a", b"GIF89a"):
+        raise ValueError("not a GIF file")
+    width, height, flags = struct.unpack("<HHB", head[6:11])
+    if flags & 0x80:  # global colour table
+        fp.seek(3 << ((flags & 7) + 1), os.SEEK_CUR)
+    durations: list[int] = []
+    pending: int | None = None
+    while not (max_frames and len(durations) > max_frames):
+        byte = fp.read(1)
+        if not byte or byte == b";":
+            break
+        if byte == b"!":
+            label = fp.read(1)
+            block = _gif_block(fp)
+            if label == b"\xf9" and block is not None and len(block) >= 3:
+                pending = struct.unpack("<H", block[1:3])[0] * 10
+            if block is not None:
+                _skip_gif_blocks(fp)
+        elif byte == b",":
+            descriptor = fp.read(9)
+            if len(descriptor) < 9:
+                break
+            left, top, w, h, frame_flags = struct.unpack("<HHHHB", descriptor)
+            width, height = max(width, left + w), max(height, top + h)
+            if frame_flags & 0x80:  # local colour table
+                fp.seek(3 << ((frame_flags & 7) + 1), os.SEEK_CUR)
+            fp.read(1)  # LZW minimum code size
+            _skip_gif_blocks(fp)
+            durations.append(pending or _GIF_DEFAULT_FRAME_MS)
+            pending = None
+        # any other byte is skipped, as PIL does
+    return durations, (width, height)
+
+
 class _GifSource:
-    """A GIF read with PIL; every frame composited and converted to RGB (alpha dropped)."""
+    """A GIF read with PIL; every frame composited and converted to RGB (alpha dropped).
+
+    Frame count, durations and canvas size come from :func:`_scan_gif` (nothing decoded), so the
+    bounds are checked before PIL decodes a frame; PIL then decodes up to the last wanted frame.
+    """
 
     kind = "gif"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, limits: MediaLimits) -> None:
         self.path = path
+        self.limits = limits
         try:
-            self.image = Image.open(path)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            with open_regular_file(path, what="video") as fp:
+                durations, self.frame_size = _scan_gif(fp, limits.max_video_frames)
+        except DataError:
+            raise
+        except Exception as exc:  # struct.error, ValueError, OSError
             raise _corrupt(path, exc) from exc
+        self.num_frames = len(durations)
+        self.fps = 1000.0 * self.num_frames / sum(durations) if durations else None
+        self._stack = ExitStack()
+        if not durations:
+            return  # no frame: reported as an empty video, PIL need not open it
         try:
-            self.num_frames = int(getattr(self.image, "n_frames", 1))
-            total_ms = 0
-            for i in range(self.num_frames):
-                self.image.seek(i)
-                total_ms += self.image.info.get("duration") or _GIF_DEFAULT_FRAME_MS
-            self.fps = 1000.0 * self.num_frames / total_ms
-        except Exception as exc:
-            self.image.close()
-            raise _corrupt(path, exc) from exc
+            self.image = self._stack.enter_context(open_image(
+                path, max_image_pixels=limits.max_image_pixels, allow_truncated=limits.allow_truncated_images
+            ))
+        except ImageLoadError as exc:
+            raise _video_error(path, exc) from exc
 
     def close(self) -> None:
-        self.image.close()
+        self._stack.close()
 
     def frames(self, indices: Sequence[int]) -> list[Image.Image]:
         found = {}
         try:
             for i in sorted(set(indices)):  # PIL decodes GIF frames in order: seek forward only
                 self.image.seek(i)
+                check_pixels(*self.image.size, self.limits.max_image_pixels, f"a frame of GIF {self.path!r}")
                 found[i] = self.image.convert("RGB")
+        except DataError:
+            raise
         except Exception as exc:
             raise _corrupt(self.path, exc) from exc
         return [found[i] for i in indices]
+
+
+def _video_error(path: str, exc: ImageLoadError) -> DataError:
+    """A DataError for an image failure inside a video: a corrupt image is a corrupt video; the
+    other kinds (too large, truncated, not a file, missing) keep their names."""
+    kind = "corrupt_video" if exc.kind == "corrupt_image" else exc.kind
+    return DataError(str(exc), kind=kind)
 
 
 def _frame_sort_key(names: list[str]) -> Callable[[str], tuple]:
@@ -581,8 +703,10 @@ class _FolderSource:
 
     kind = "folder"
 
-    def __init__(self, path: str, fps: float) -> None:
+    def __init__(self, path: str, fps: float, limits: MediaLimits) -> None:
         self.path = path
+        self.limits = limits
+        self.frame_size = None  # each frame is checked as it is loaded
         try:
             names = [
                 entry.name
@@ -612,11 +736,14 @@ class _FolderSource:
         for i in indices:
             if i not in loaded:
                 try:
-                    loaded[i] = load_image(os.path.join(self.path, self.files[i]))
+                    loaded[i] = load_image(
+                        os.path.join(self.path, self.files[i]),
+                        max_image_pixels=self.limits.max_image_pixels,
+                        allow_truncated=self.limits.allow_truncated_images,
+                    )
                 except ImageLoadError as exc:
-                    raise DataError(
-                        f"frame {i} of frame folder {self.path!r}: {exc}", kind="corrupt_video"
-                    ) from exc
+                    error = _video_error(self.path, exc)
+                    raise DataError(f"frame {i} of frame folder {self.path!r}: {exc}", kind=error.kind) from exc
         return [loaded[i] for i in indices]
 
 
@@ -629,22 +756,59 @@ def _check_backend(backend: str) -> None:
         _import_av()
 
 
+def _too_many_frames(path: str, count: str, limit: int) -> DataError:
+    return DataError(
+        f"video {path!r} holds {count} frames, over max_video_frames={limit:,} (raise it, or 0 for no limit, "
+        "if the video is genuine)",
+        kind="video_too_long",
+    )
+
+
+def _frame_size_from_pyav(path: str) -> tuple[int, int] | None:
+    """Frame size from the stream header via PyAV, when it is installed (decord has no such API)."""
+    try:
+        import av
+
+        with av.open(path) as container:
+            context = container.streams.video[0].codec_context
+            return (context.width, context.height) if context.width and context.height else None
+    except Exception:  # no PyAV, or a file it cannot read: decord reports that itself
+        return None
+
+
+def _check_bounds(source, limits: MediaLimits) -> None:
+    """Frame count, duration and frame size against ``limits``, before any frame is decoded."""
+    path = source.path
+    if limits.max_video_frames and source.num_frames > limits.max_video_frames:
+        raise _too_many_frames(path, f"{source.num_frames:,}", limits.max_video_frames)
+    if limits.max_video_seconds and source.fps:
+        seconds = source.num_frames / source.fps
+        if seconds > limits.max_video_seconds:
+            raise DataError(
+                f"video {path!r} lasts {seconds:,.1f} s ({source.num_frames:,} frames at {source.fps:g} fps), over "
+                f"max_video_seconds={limits.max_video_seconds:g} (raise it, or 0 for no limit, if it is genuine)",
+                kind="video_too_long",
+            )
+    if source.frame_size is not None:
+        check_pixels(*source.frame_size, limits.max_image_pixels, f"a frame of video {path!r}")
+
+
 @contextmanager
-def _open_source(path: str | os.PathLike, backend: str, folder_fps: float) -> Iterator:
+def _open_source(path: str | os.PathLike, backend: str, folder_fps: float, limits: MediaLimits) -> Iterator:
     path = os.fspath(path)
-    if os.path.isdir(path):
-        source = _FolderSource(path, folder_fps)
-    elif not os.path.exists(path):
-        raise DataError(f"video file not found: {path!r}", kind="missing_file")
+    info = check_media_path(path, what="video", allow_dir=True)  # FIFOs, devices, loops: refused unopened
+    if stat.S_ISDIR(info.st_mode):
+        source = _FolderSource(path, folder_fps, limits)
     elif path.lower().endswith(".gif"):
-        source = _GifSource(path)
+        source = _GifSource(path, limits)
     elif backend == "decord":
-        source = _DecordSource(path)
+        source = _DecordSource(path, limits)
     else:
-        source = _PyAVSource(path)
+        source = _PyAVSource(path, limits)
     try:
         if source.num_frames < 1:
             raise DataError(f"video {path!r} has no frames", kind="empty_video")
+        _check_bounds(source, limits)
         yield source
     finally:
         source.close()
@@ -655,10 +819,12 @@ def _read(
     backend: str,
     folder_fps: float,
     choose: Callable[[object], list[int]],
+    limits: MediaLimits | None,
 ) -> tuple[list[Image.Image], list[int]]:
     """Open, pick indices with ``choose(source)``, decode; if the file holds fewer frames than
     its metadata said, pick again with the true count (a second, rarer pass)."""
-    with _open_source(path, backend, folder_fps) as source:
+    limits = _check_limits(limits)
+    with _open_source(path, backend, folder_fps, limits) as source:
         indices = choose(source)
         try:
             return source.frames(indices), indices
@@ -667,7 +833,7 @@ def _read(
             declared = source.num_frames
     if decoded == 0:
         raise DataError(f"video {os.fspath(path)!r} decodes to no frames", kind="empty_video")
-    with _open_source(path, backend, folder_fps) as source:
+    with _open_source(path, backend, folder_fps, limits) as source:
         source.num_frames = decoded
         indices = choose(source)
         try:
@@ -678,6 +844,14 @@ def _read(
                 f"{decoded} and then {short.decoded}",
                 kind="corrupt_video",
             ) from None
+
+
+def _check_limits(limits: MediaLimits | None) -> MediaLimits:
+    if limits is None:
+        return MediaLimits()
+    if not isinstance(limits, MediaLimits):
+        raise TypeError(f"limits must be a MediaLimits, got {type(limits).__name__}")
+    return limits
 
 
 def _need_fps(source, why: str) -> float:
@@ -693,11 +867,11 @@ def _need_fps(source, why: str) -> float:
 
 
 def probe_video(
-    path: str | os.PathLike, *, backend: str = "pyav", folder_fps: float = 1.0
+    path: str | os.PathLike, *, backend: str = "pyav", folder_fps: float = 1.0, limits: MediaLimits | None = None
 ) -> VideoInfo:
-    """Frame count and frame rate without decoding pixels (for data checks)."""
+    """Frame count and frame rate without decoding pixels (for data checks); ``limits`` are checked."""
     _check_backend(backend)
-    with _open_source(path, backend, folder_fps) as source:
+    with _open_source(path, backend, folder_fps, _check_limits(limits)) as source:
         return VideoInfo(os.fspath(path), source.kind, source.num_frames, source.fps)
 
 
@@ -710,6 +884,7 @@ def read_frames(
     rng: Rng | None = None,
     backend: str = "pyav",
     folder_fps: float = 1.0,
+    limits: MediaLimits | None = None,
 ) -> tuple[list[Image.Image], list[int]]:
     """Decode the frames of one training sample: ``(RGB PIL frames, their frame indices)``.
 
@@ -719,6 +894,8 @@ def read_frames(
     the official reader, is subsampled only when it (or its clip) has more frames than
     ``num_frames``; otherwise all its frames are returned, without padding. ``folder_fps`` is the
     frame rate assumed for a folder. Draw ``num_frames`` per sample with :func:`choose_num_frames`.
+    ``limits`` (default :class:`~internvl_chat.data.media.MediaLimits`) bound the frame count,
+    duration and frame size before anything is decoded.
     """
     _check_backend(backend)
     rate = _parse_fps_rule(sample)
@@ -740,7 +917,7 @@ def read_frames(
             num_frames, source.num_frames, sample=sample, fps=fps, clip=clip, rng=rng
         )
 
-    return _read(path, backend, folder_fps, choose)
+    return _read(path, backend, folder_fps, choose, limits)
 
 
 def load_video_tiles(
@@ -753,6 +930,7 @@ def load_video_tiles(
     use_thumbnail: bool = True,
     backend: str = "pyav",
     folder_fps: float = 1.0,
+    limits: MediaLimits | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Frames for chat/eval, as the README's ``load_video``: ``(uint8 tiles [N, S, S, 3],
     num_patches_list)``.
@@ -772,7 +950,7 @@ def load_video_tiles(
             source.num_frames, _need_fps(source, "chat frame selection"), num_segments, bound
         )
 
-    frames, _ = _read(path, backend, folder_fps, choose)
+    frames, _ = _read(path, backend, folder_fps, choose, limits)
     tiles, num_patches_list = [], []
     for frame in frames:
         frame_tiles = image_to_tiles(

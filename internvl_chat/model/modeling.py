@@ -10,6 +10,8 @@ Differences from the official model, on purpose:
   trains on nothing without telling anyone.
 - The ViT stops at `select_layer` instead of computing layers whose output is discarded.
 - `generate()` returns only the new tokens (the official output carries one leading placeholder token).
+- `from_pretrained` loads safetensors only and refuses a folder holding pickle weight files (`pytorch_model.bin`,
+  `*.pt`, ...) unless `allow_pickle=True`; it never imports code from the checkpoint folder and never downloads.
 """
 
 from __future__ import annotations
@@ -234,9 +236,19 @@ class InternVLChatModel(PreTrainedModel):
         Accepts the official keyword `use_flash_attn` (default True: flash-attention 2 when it is installed, a GPU
         is present and the dtype is 16-bit; SDPA otherwise) and `torch_dtype` as an alias of `dtype`.
         `trust_remote_code` is accepted and ignored: nothing from the checkpoint is executed.
+        Weights load from safetensors only: a folder with pickle weight files (`pytorch_model.bin`, `*.pt`, ...)
+        is refused unless `allow_pickle=True`, and a truncated safetensors file is named in the error
+        (model/weight_files.py). Nothing is downloaded (`local_files_only`).
         """
         use_flash = kwargs.pop("use_flash_attn", True)
         kwargs.pop("trust_remote_code", None)
+        allow_pickle = kwargs.pop("allow_pickle", False)
+        if os.path.isdir(pretrained_model_name_or_path):
+            from .weight_files import check_weights_dir
+
+            if not check_weights_dir(str(pretrained_model_name_or_path), allow_pickle):
+                kwargs["use_safetensors"] = False  # an allowed pickle-only folder
+        kwargs["weights_only"] = True  # even an allowed pickle goes through torch's restricted unpickler
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         dtype = kwargs.get("dtype")

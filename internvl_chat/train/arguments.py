@@ -49,6 +49,11 @@ class ModelArguments:
     mlp_lr: float | None = field(default=None, metadata={"help": "(ours) learning rate of the projector"})
     llm_lr: float | None = field(default=None, metadata={"help": "(ours) learning rate of the LLM"})
     trust_remote_code: bool = field(default=False, metadata={"help": "(ours) allow tokenizer code from the checkpoint"})
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "(ours) accept pickle weight files (pytorch_model.bin, *.pt); by default only safetensors "
+                          "are loaded and a folder holding pickle weights is refused"},
+    )
 
 
 @dataclass
@@ -78,8 +83,33 @@ class DataTrainingArguments:
     loss_reduction: str = field(default="token", metadata={"help": "token | sample | square"})
     loss_reduction_all_gather: bool = field(default=False)
     bad_data: str = field(default="skip", metadata={"help": "(ours) skip (count and report) | fail"})
-    max_bad_fraction: float = field(default=0.01, metadata={"help": "(ours) stop when more samples are bad"})
+    max_bad_fraction: float = field(default=0.01, metadata={
+        "help": "(ours) fail the run when a larger fraction of the distinct records seen is bad: checked from the "
+                "first batch (with a small-sample allowance, data/errors.py) and exactly at the end (exit code 1)"})
     video_backend: str = field(default="pyav", metadata={"help": "(ours) pyav | decord"})
+    max_image_pixels: int = field(
+        default=178_956_970,
+        metadata={"help": "(ours) images and video frames with more pixels are bad samples (image_too_large), read "
+                          "from the header before decoding; default PIL's own bomb limit, 0 = no limit"},
+    )
+    allow_truncated_images: bool = field(
+        default=False,
+        metadata={"help": "(ours) load truncated image files with the missing part grey (the official behaviour) "
+                          "instead of skipping them as bad samples (truncated_image)"},
+    )
+    max_video_frames: int = field(
+        default=1_000_000,
+        metadata={"help": "(ours) videos declaring more frames are bad samples (video_too_long); 0 = no limit"},
+    )
+    max_video_seconds: float = field(
+        default=36_000.0,
+        metadata={"help": "(ours) videos lasting longer (seconds) are bad samples (video_too_long); 0 = no limit"},
+    )
+    confine_paths: bool = field(
+        default=False,
+        metadata={"help": "(ours) image/video paths resolving outside the dataset root are bad samples "
+                          "(path_outside_root) instead of being read"},
+    )
     eval_meta_path: str | None = field(
         default=None,
         metadata={"help": "(ours) meta JSON of held-out sets, same format as --meta_path; an entry may name its "

@@ -4,10 +4,11 @@
   accumulation by the Trainer;
 - length-grouped sampling from the dataset's cheap `lengths` (no tokenizing the whole set at start-up);
 - optional learning rates per component (ViT / MLP / LLM);
-- bad samples the dataset skipped are counted and reported (data.errors.BadDataTracker), with a hard stop above
-  a bad fraction;
-- checkpoints in the official layout (+ the base checkpoint's `*.py`, so `trust_remote_code` loading works),
-  marked complete only after every file is written, so resuming never picks a half-written checkpoint;
+- bad samples the dataset skipped are counted and reported (data.errors.BadDataTracker: distinct records, from the
+  collator's `sample_ids` and `skipped_samples`), with a hard stop above a bad fraction;
+- checkpoints in the official layout (+ the base checkpoint's `*.py`, so `trust_remote_code` loading works), written
+  into a staging folder, synced, marked with every file's size and checksum, then renamed into place; rotation keeps
+  the newest good one; a full disk is one line naming the folder and the space needed (train/checkpoint.py);
 - tokens/s, samples/s and peak memory in every log line;
 - evaluation on held-out sets (train/evaluation.py): loss and generation metrics per set, isolated from training
   (RNG states, module modes and use_cache restored; eval batches are not counted as training data).
@@ -16,10 +17,9 @@
 from __future__ import annotations
 
 import glob
+import logging
 import math
-import json
 import os
-import re
 import shutil
 import time
 
@@ -30,28 +30,17 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from ..data.errors import BadDataTracker
+from . import checkpoint
 from .plan import component_of
 
-COMPLETE_MARKER = "internvl_chat_complete.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+logger = logging.getLogger(__name__)
 
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
-    """(step, path, complete) for every checkpoint-N folder, oldest first."""
-    found = []
-    if not os.path.isdir(output_dir):
-        return found
-    for name in os.listdir(output_dir):
-        m = _CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if m and os.path.isdir(path):
-            found.append((int(m.group(1)), path, os.path.exists(os.path.join(path, COMPLETE_MARKER))))
-    return sorted(found)
+COMPLETE_MARKER = checkpoint.MARKER  # kept importable under its old name
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    complete = [path for _, path, ok in list_checkpoints(output_dir) if ok]
-    return complete[-1] if complete else None
+    """The newest checkpoint that verifies (train/checkpoint.py); the ones skipped are logged with the reason."""
+    return checkpoint.select_resume_checkpoint(output_dir)
 
 
 class _EpochToDataset(TrainerCallback):
@@ -118,11 +107,12 @@ class InternVLTrainer(Trainer):
     # --- loss -----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.pop("skipped_samples", None)
+        sample_ids = inputs.pop("sample_ids", None)  # "<file>:<line>" per sample: distinct records are counted
         num_samples = int(inputs.pop("num_samples", inputs["input_ids"].shape[0]))  # packed rows hold several
         if not model.training:  # an eval batch: neither training data nor training throughput
             outputs = model(**inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
-        self.bad_data.update(num_samples, skipped)
+        self.bad_data.update(num_samples, skipped, sample_ids)
         if inputs.get("attention_mask") is not None:
             self._window_tokens += int(inputs["attention_mask"].sum())
         else:  # packed rows: every token but the padding tail, which carries no label and no image
@@ -133,6 +123,23 @@ class InternVLTrainer(Trainer):
             inputs["loss_reduction_all_gather"] = True  # the loss denominator is averaged over ranks
         outputs = model(**inputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    # --- resume -------------------------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        if self.args.should_save:  # folders of saves and deletions a kill interrupted only take space
+            for leftover in checkpoint.list_leftovers(self.args.output_dir):
+                logger.info("removing %s (an interrupted save or deletion)", leftover)
+                checkpoint.remove_tree(leftover)
+        return super().train(*args, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        # resumed from a checkpoint of the last step (killed after its final checkpoint, e.g. while rotating or
+        # writing the final model): transformers would still run one more step before checking max_steps, and end
+        # with other weights than the uninterrupted run
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     # --- sampling -------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -241,33 +248,99 @@ class InternVLTrainer(Trainer):
                 if not os.path.exists(dst):
                     shutil.copy2(src, dst)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call:  # a checkpoint: _save_checkpoint handles faults
+            return super().save_model(output_dir, _internal_call)
+        folder = output_dir or self.args.output_dir
+        try:
+            super().save_model(output_dir, _internal_call)
+        except Exception as exc:
+            free = checkpoint.free_bytes(folder)
+            needed, basis = checkpoint.estimate_save_bytes(folder, self.model)
+            if checkpoint.is_disk_full(exc, free, needed):
+                raise checkpoint.CheckpointSaveError(
+                    f"not enough disk space to save the final model in {folder}: it needs about "
+                    f"{checkpoint.format_bytes(needed)} ({basis}), {checkpoint.format_bytes(free)} free. Free some "
+                    "space and run the same command again: it resumes from the last checkpoint") from exc
+            raise
+
+    def _get_output_dir(self, trial) -> str:
+        # during _save_checkpoint the Trainer writes into the staging folder (train/checkpoint.py)
+        return getattr(self, "_staging_dir", None) or super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
+        """transformers' save into `checkpoint-N.saving/`, then marker and rename (train/checkpoint.py)."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging = checkpoint.staging_root(run_dir, self.state.global_step)
+        main = self.args.should_save
+        if main:
+            self._prepare_save(run_dir, final, staging)
+        needed, basis = checkpoint.estimate_save_bytes(run_dir, self.model, self.optimizer)
+        free = checkpoint.free_bytes(run_dir)
+        if _any_rank(free < needed):
+            raise checkpoint.CheckpointSaveError(checkpoint.disk_full_message(
+                final, needed, basis, free, self._newest_good(run_dir), before=True))
+        _barrier()  # every rank writes into a clean staging folder
         limit = self.args.save_total_limit
-        self.args.save_total_limit = None  # rotate ourselves, after the new checkpoint is known to be complete
+        self.args.save_total_limit = None  # rotate ourselves, counting verified checkpoints only
+        self._staging_dir = staging
         try:
             super()._save_checkpoint(model, trial)
+            _barrier()  # every rank's shards are on disk
+            if main:
+                self._publish(os.path.join(staging, name), final, staging)
+        except BaseException as exc:
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)  # a partial checkpoint only takes space
+            free = checkpoint.free_bytes(run_dir)
+            if isinstance(exc, Exception) and checkpoint.is_disk_full(exc, free, needed):
+                raise checkpoint.CheckpointSaveError(checkpoint.disk_full_message(
+                    final, needed, basis, free, self._newest_good(run_dir), before=False)) from exc
+            raise
         finally:
+            self._staging_dir = None
             self.args.save_total_limit = limit
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank's shards are on disk
-        if self.args.should_save:
-            step = self.state.global_step
-            path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-            tmp = os.path.join(path, COMPLETE_MARKER + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump({"global_step": step, "time": time.time()}, f)
-            os.replace(tmp, os.path.join(path, COMPLETE_MARKER))
-            self._rotate_complete_checkpoints(limit)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        _barrier()
+        if main:
+            checkpoint.rotate_checkpoints(run_dir, limit, protect=(final, self.state.best_model_checkpoint))
+        _barrier()
 
-    def _rotate_complete_checkpoints(self, limit: int | None) -> None:
-        checkpoints = list_checkpoints(self.args.output_dir)
-        complete = [path for _, path, ok in checkpoints if ok]
-        newest_complete_step = max((s for s, _, ok in checkpoints if ok), default=-1)
-        for step, path, ok in checkpoints:  # half-written leftovers of an interrupted run
-            if not ok and step < newest_complete_step:
-                shutil.rmtree(path, ignore_errors=True)
-        if limit and limit > 0 and len(complete) > limit:
-            for path in complete[: len(complete) - limit]:
-                shutil.rmtree(path, ignore_errors=True)
+    @staticmethod
+    def _prepare_save(run_dir: str, final: str, staging: str) -> None:
+        os.makedirs(run_dir, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed save of this step left
+        if os.path.isdir(final) and checkpoint.verify_checkpoint(final, deep=False, allow_pickle=True):
+            checkpoint.remove_tree(final)  # a broken save of this step: free its space before writing again
+
+    def _publish(self, staged: str, final: str, staging: str) -> None:
+        best = self.state.best_model_checkpoint
+        if best and os.path.abspath(best).startswith(os.path.abspath(staging) + os.sep):
+            # the Trainer recorded the staged path as the best checkpoint: record where it will live
+            self.state.best_model_checkpoint = os.path.join(os.path.dirname(final), os.path.basename(best))
+            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        checkpoint.write_marker(staged, self.state.global_step)
+        checkpoint.publish(staged, final)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _newest_good(run_dir: str) -> str | None:
+        good = [p for _, p in checkpoint.list_checkpoints(run_dir)
+                if not checkpoint.verify_checkpoint(p, deep=False, allow_pickle=True)]
+        return good[-1] if good else None
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on one (so all ranks stop together instead of waiting on a barrier)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
