@@ -11,8 +11,7 @@ by sample in this process, with no dataloader workers, by
 
 * **ours**: ``SupervisedDataset[i]`` as training uses it (uint8 tiles; normalisation runs later, on
   the device, inside the model), and
-* **official**: a plain re-implementation, written here from the spec
-  (``shared/reference/internvl-official.md`` sections 3-6), of what the official
+* **official**: a plain re-implementation, written here, of what the official
   ``LazySupervisedDataset.__getitem__`` does per sample: ``json.loads`` of the line,
   ``PIL.Image.open(...).convert("RGB")``, ``dynamic_preprocess``, per tile ``Resize`` + ``ToTensor`` +
   ``Normalize`` in float32 (numpy, the same arithmetic as torchvision), the template prompt with
@@ -30,8 +29,9 @@ instrumented): decode (``load_image``, ``video.read_frames``), tile (``image_to_
 (none in ours: the model does it on the device; a separate row shows what CPU normalisation would
 cost), tokenise (``tokenize_conversation``), other (JSON, format checks, tensors). Each sample is
 read ``--repeats`` times by each path, back to back with the order alternating, and each path keeps
-its fastest time per sample (noise from other processes on a shared machine only ever adds time). Settings: Hermes-2 with a
-Qwen2-style tokenizer, 448-px tiles, ``max_dynamic_patch`` 12 + thumbnail, 8 frames per video.
+its fastest time per sample (noise from other processes on a shared machine only ever adds time).
+Settings: Hermes-2 with a Qwen2-style tokenizer, 448-px tiles, ``max_dynamic_patch`` 12 + thumbnail,
+8 frames per video.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -52,13 +51,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from internvl_chat.data import dataset as dataset_module  # noqa: E402
-from internvl_chat.data import video as video_module  # noqa: E402
-from internvl_chat.data.dataset import DataConfig, build_dataset  # noqa: E402
-from internvl_chat.data.transforms import normalize_tiles  # noqa: E402
-from internvl_chat.model.tokenizer import load_tokenizer  # noqa: E402
+from internvl_chat.data import dataset as dataset_module
+from internvl_chat.data import video as video_module
+from internvl_chat.data.config import DataConfig
+from internvl_chat.data.dataset import build_dataset
+from internvl_chat.data.transforms import normalize_tiles
+from internvl_chat.model.tokenizer import load_tokenizer
+from internvl_chat.train.arguments import DataTrainingArguments
 
 FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizer_qwen2"
 STAGES = ("decode", "tile", "normalise", "tokenise", "other")
@@ -68,7 +67,7 @@ KINDS = ("photo", "page", "multi", "video", "text")
 FULL_MIX = {"photo": 8, "page": 6, "multi": 4, "video": 3, "text": 10}
 QUICK_MIX = {"photo": 2, "page": 1, "multi": 1, "video": 1, "text": 3}
 
-# Facts of the official Hermes-2 template (spec section 6.3) and training constants (sections 4, 6).
+# Facts of the official Hermes-2 template and training constants (image tokens, tile size, normalisation).
 HERMES_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                  "是一个有用无害的人工智能助手。")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -244,7 +243,7 @@ def instrumented(timer: Timer):
 
 
 # --------------------------------------------------------------------------------------------
-# The official per-sample path, re-implemented from the spec
+# The official per-sample path, re-implemented from its documented behaviour
 
 
 def official_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -256,7 +255,7 @@ def official_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
 
 def official_dynamic_preprocess(image: Image.Image, min_num: int, max_num: int, size: int,
                                 thumbnail: bool) -> list[Image.Image]:
-    """Spec 4.2-4.3: closest aspect ratio (ties: later grid iff area > half its canvas), resize, crop, thumbnail."""
+    """Official tiling: closest aspect ratio (ties: later grid iff area > half its canvas), resize, crop, thumbnail."""
     width, height = image.size
     aspect, area = width / height, width * height
     best, best_diff = (1, 1), float("inf")
@@ -334,7 +333,7 @@ class OfficialPath:
             return Image.open(os.path.join(self.root, rel)).convert("RGB")
 
     def _frames(self, path: str) -> list[Image.Image]:
-        """Decode in order and keep the official ``middle`` frames (spec 3.2), like decord's get_batch."""
+        """Decode in order and keep the official ``middle`` frames, like decord's get_batch."""
         import av
 
         with self.timer.stage("decode"):
@@ -429,10 +428,12 @@ def run(args: argparse.Namespace) -> dict:
         generate_s = time.perf_counter() - t0
         tokenizer_path = args.tokenizer or _default_tokenizer(stack)
         tokenizer = load_tokenizer(tokenizer_path)
-        config = DataConfig(template="Hermes-2", num_image_token=NUM_IMAGE_TOKEN, image_size=IMAGE_SIZE,
-                            dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=MAX_PATCH,
-                            min_num_frame=FRAMES, max_num_frame=FRAMES, video_sample="middle", bad_data="fail",
-                            max_seq_length=8192)
+        # the config training builds from these flags (the official middle frames: no random draw to compare)
+        flags = DataTrainingArguments(conv_style="Hermes-2", force_image_size=IMAGE_SIZE, dynamic_image_size=True,
+                                      use_thumbnail=True, max_dynamic_patch=MAX_PATCH, min_num_frame=FRAMES,
+                                      max_num_frame=FRAMES, max_seq_length=8192, bad_data="fail")
+        config = DataConfig.from_args(flags, video_sample="middle")
+        assert config.num_image_token == NUM_IMAGE_TOKEN
         ours = build_dataset(meta, tokenizer, config)
         entry = ours.entries[0]
         official_timer = Timer()
@@ -493,7 +494,7 @@ def run(args: argparse.Namespace) -> dict:
 def _default_tokenizer(stack: contextlib.ExitStack) -> str:
     if FIXTURE_TOKENIZER.is_dir():
         return str(FIXTURE_TOKENIZER)
-    from internvl_chat.tiny import build_tiny_tokenizer
+    from internvl_chat.tiny_tokenizer import build_tiny_tokenizer
 
     folder = stack.enter_context(tempfile.TemporaryDirectory())
     build_tiny_tokenizer("qwen2", folder)
@@ -543,7 +544,8 @@ def format_result(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small mix and one pass (~15 s)")
-    parser.add_argument("--repeats", type=int, help="timed runs per sample and path, fastest kept (default 3; --quick 1)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed runs per sample and path, fastest kept (default 3; --quick 1)")
     parser.add_argument("--data-dir", help="where to write (and reuse) the generated mix (default: a temp dir)")
     parser.add_argument("--tokenizer", help="a Qwen2-style tokenizer folder (default: the fixture one, else tiny)")
     parser.add_argument("--seed", type=int, default=0)

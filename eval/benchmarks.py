@@ -4,7 +4,7 @@ The layout, prompts, ``max_new_tokens`` and tile recommendations are those of th
 scripts (``vqa/evaluate_vqa.py``, ``refcoco/evaluate_grounding.py``, ``pope/evaluate_pope.py``, ``mme/eval.py``,
 ``mmbench/evaluate_mmbench.py``, ``evaluate.sh`` and the eval READMEs), so the files a user downloaded by following
 the official instructions work as they are: put them under ``data/`` (``--data-root``) exactly as the official
-READMEs say. ``/work/notes/eval_layout.md`` (folded into the README) lists the files per benchmark.
+READMEs say. ``eval/README.md`` lists the files per benchmark.
 
 Paths inside the official files are relative to the folder that holds ``data/`` (the official scripts run from
 ``internvl_chat/``): ``"data/textvqa/train_images/x.jpg"`` is read as ``<data root>/textvqa/train_images/x.jpg``.

@@ -31,7 +31,8 @@ from typing import Any
 
 from internvl_chat.constants import IMAGE_PLACEHOLDER
 from internvl_chat.data.errors import DataError
-from internvl_chat.data.formats import read_records, to_official
+from internvl_chat.data.formats import to_official
+from internvl_chat.data.records import read_records
 from internvl_chat.data.transforms import ImageLoadError
 from internvl_chat.data.transforms import image_size as _header_size
 

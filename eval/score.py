@@ -1,6 +1,6 @@
 """Score a JSONL file of predictions with one metric: ``python -m eval.score --metric NAME --pred FILE``.
 
-The CLI contract of issue 10 (scripts outside the project rely on it):
+The command-line contract (scripts outside the project rely on it):
 
 * FILE holds one JSON object per line: ``"prediction"`` (str) and either ``"answers"`` (list of str) or ``"answer"``
   (str; for ``iou_acc`` a pixel box ``[x1, y1, x2, y2]`` with ``"width"`` and ``"height"``), plus ``"options"``

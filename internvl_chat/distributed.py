@@ -13,8 +13,6 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -27,10 +25,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -46,7 +40,7 @@ def _first_slurm_host(nodelist: str) -> str:
         return head
 
 
-def tasks_on_node(spec: str, node_id: int) -> int:
+def _tasks_on_node(spec: str, node_id: int) -> int:
     """This node's task count from Slurm's compressed per-node list: "8(x2),4" means 8, 8, 4 (0 if unreadable)."""
     counts: list[int] = []
     for part in filter(None, spec.split(",")):
@@ -58,17 +52,18 @@ def tasks_on_node(spec: str, node_id: int) -> int:
 
 
 def dist_info(environ: dict | None = None) -> DistInfo:
+    """This process's place in the job: torchrun variables first, then a multi-task Slurm step, else rank 0 of 1."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistInfo(
-            env.get("INTERNVL_LAUNCHER", "torchrun"), int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-            int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            env.get("INTERNVL_LAUNCHER", "torchrun"), int(env["RANK"]), int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
         ntasks = int(env["SLURM_NTASKS"])
         spec = next((env[k] for k in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
                      if env.get(k)), "")
-        local_world = tasks_on_node(spec, int(env.get("SLURM_NODEID", 0) or 0)) or ntasks
+        local_world = _tasks_on_node(spec, int(env.get("SLURM_NODEID", 0) or 0)) or ntasks
         return DistInfo("slurm", int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)), local_world)
     return DistInfo("none", 0, 1, 0, 1)
 
@@ -86,13 +81,3 @@ def setup_environment(environ: dict | None = None) -> DistInfo:
         env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
         env.setdefault("MASTER_PORT", "29500")
     return info
-
-
-def use_cpu() -> bool:
-    """No GPU: training must run on CPU with the gloo backend (transformers needs use_cpu=True for DDP)."""
-    return not torch.cuda.is_available()
-
-
-def print0(*args, **kwargs) -> None:
-    if dist_info().is_main:
-        print(*args, **kwargs, flush=True)

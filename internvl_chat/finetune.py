@@ -160,7 +160,7 @@ def qlora_load_kwargs(model_args: ModelArguments, dtype: torch.dtype, training_a
 
 def patch_bnb_for_cpu_training(model) -> None:
     """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights after an eval-mode no-grad forward, after which
-    training fails with an in-place error (environment.md, QLoRA caveat). Keep the trainable layout."""
+    training fails with an in-place error. Keep the trainable layout."""
     if torch.cuda.is_available():
         return
     patched = 0
@@ -206,32 +206,11 @@ def resize_position_embedding(model, image_size: int) -> None:
 
 
 def data_config(data_args: DataTrainingArguments, training_args: TrainingArguments, model):
-    """The DataConfig of the run (training and eval sets alike)."""
-    from .data.dataset import DataConfig
+    """The DataConfig of the run (training and eval sets alike): the data flags, the model's tokens per tile."""
+    from .data.config import DataConfig
 
-    return DataConfig(
-        template=data_args.conv_style,
-        num_image_token=model.num_image_token,
-        image_size=data_args.force_image_size,
-        dynamic_image_size=data_args.dynamic_image_size,
-        use_thumbnail=data_args.use_thumbnail,
-        min_dynamic_patch=data_args.min_dynamic_patch,
-        max_dynamic_patch=data_args.max_dynamic_patch,
-        pad2square=data_args.pad2square,
-        normalize_type=data_args.normalize_type,
-        max_seq_length=data_args.max_seq_length,
-        min_num_frame=data_args.min_num_frame,
-        max_num_frame=data_args.max_num_frame,
-        video_backend=data_args.video_backend,
-        seed=training_args.data_seed or training_args.seed,
-        bad_data=data_args.bad_data,
-        max_bad_fraction=data_args.max_bad_fraction,
-        confine_paths=data_args.confine_paths,
-        max_image_pixels=data_args.max_image_pixels,
-        allow_truncated_images=data_args.allow_truncated_images,
-        max_video_frames=data_args.max_video_frames,
-        max_video_seconds=data_args.max_video_seconds,
-    )
+    return DataConfig.from_args(data_args, num_image_token=model.num_image_token,
+                                seed=training_args.data_seed or training_args.seed)
 
 
 def build_data(data_args: DataTrainingArguments, training_args: TrainingArguments, model, tokenizer):

@@ -101,7 +101,7 @@ def make_tiny_model(
     **config_overrides: Any,
 ) -> Path:
     """Write config.json, model.safetensors and a trained-offline tokenizer to `out_dir`."""
-    from .tiny import build_tiny_tokenizer
+    from .tiny_tokenizer import build_tiny_tokenizer
 
     if llm not in LLM_PRESETS:
         raise ValueError(f"unknown LLM family {llm!r}; choose one of {sorted(LLM_PRESETS)}")

@@ -22,8 +22,10 @@ from PIL import Image
 
 from internvl_chat.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl_chat.data.check import check_dataset
-from internvl_chat.data.dataset import DataConfig, SupervisedDataset, build_dataset, lengths_sidecar_path
+from internvl_chat.data.config import DataConfig
+from internvl_chat.data.dataset import SupervisedDataset, build_dataset
 from internvl_chat.data.meta import load_meta
+from internvl_chat.data.records import lengths_sidecar_path
 from internvl_chat.data.tiling import plan_tiles
 from internvl_chat.demo_data import TEXT_QA, make_demo_dataset
 from internvl_chat.model.tokenizer import load_tokenizer
@@ -259,6 +261,50 @@ def test_clean_demo_dataset_passes_and_its_sidecar_feeds_the_dataset(tmp_path, c
     assert out["supervised"]["total"] == sum(item["num_supervised"] for item in items)
     tiles = [int(item["image_flags"].sum()) for item in items if int(item["image_flags"].sum())]
     assert out["tiles"]["total"] == sum(tiles) and out["tiles"]["count"] == len(tiles)
+
+
+def test_data_flags_and_checkpoint_settings_give_the_training_config(tmp_path):
+    """The tools' flags go through DataConfig.from_args, as training's: a checkpoint's config.json fills what the
+    command line leaves unset, tokens per tile follow the tile size unless given, and the shared tile rules hold."""
+    import argparse
+
+    from internvl_chat.cli.data_args import SetupError, add_data_arguments, setup_from_args
+    from internvl_chat.data.config import image_tile_range, num_image_tokens
+
+    model = tmp_path / "model"
+    shutil.copytree(TOKENIZER, model)
+    (model / "config.json").write_text(json.dumps({
+        "template": "Hermes-2", "force_image_size": 224, "downsample_ratio": 0.5, "max_dynamic_patch": 6,
+        "dynamic_image_size": True, "vision_config": {"patch_size": 14, "image_size": 448}}))
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+
+    def config(*flags: str):
+        return setup_from_args(parser.parse_args(["--model", str(model), *flags]))[1]
+
+    cfg = config()
+    assert (cfg.template, cfg.image_size, cfg.num_image_token, cfg.max_dynamic_patch, cfg.dynamic_image_size) == (
+        "Hermes-2", 224, 64, 6, True)
+    assert (config("--force_image_size", "448").num_image_token, config("--num_image_token", "100").num_image_token,
+            config("--template", "internvl2_5", "--max_dynamic_patch", "2").max_dynamic_patch) == (256, 100, 2)
+    plain = setup_from_args(parser.parse_args(["--template", "internvl2_5"]))
+    assert plain[0] is None and plain[1] == DataConfig(template="internvl2_5")
+    with pytest.raises(SetupError, match="needs --template"):
+        setup_from_args(parser.parse_args(["--tokenizer", str(TOKENIZER)]))
+    with pytest.raises(SetupError, match="min_dynamic_patch"):
+        setup_from_args(parser.parse_args(["--min_dynamic_patch", "8", "--max_dynamic_patch", "4"]))
+
+    assert (num_image_tokens(448), num_image_tokens(224), num_image_tokens(448, 14, 0.25)) == (256, 64, 64)
+    # one image: the whole budget; n images share it (at least 1 each); below min_dynamic_patch: one tile
+    assert image_tile_range(12) == (1, 12) and image_tile_range(12, 3) == (1, 4) and image_tile_range(2, 5) == (1, 1)
+    assert image_tile_range(12, 2, min_dynamic_patch=4) == (4, 6) and image_tile_range(12, 4, 4) == (1, 1)
+
+
+def test_tools_are_thin_entry_points_of_the_cli_modules():
+    """`python tools/check_data.py` and `python -m internvl_chat.cli.check_data` are the same program."""
+    outputs = [subprocess.run([sys.executable, *how, "--help"], capture_output=True, text=True, check=True).stdout
+               for how in ([str(REPO / "tools" / "check_data.py")], ["-m", "internvl_chat.cli.check_data"])]
+    assert outputs[0] == outputs[1] and "--meta_path" in outputs[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,15 +17,11 @@ import torch
 from PIL import Image
 
 from internvl_chat.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl_chat.data.dataset import (
-    DataConfig,
-    SupervisedDataset,
-    build_dataset,
-    lengths_sidecar_path,
-    write_lengths_sidecar,
-)
+from internvl_chat.data.config import DataConfig
+from internvl_chat.data.dataset import UNKNOWN_TILES, SupervisedDataset, build_dataset
 from internvl_chat.data.errors import BadDataTracker, DataError, TooMuchBadDataError, parse_report
 from internvl_chat.data.meta import load_meta
+from internvl_chat.data.records import lengths_sidecar_path, write_lengths_sidecar
 from internvl_chat.data.templates import tokenize_conversation
 from internvl_chat.data.tiling import plan_tiles
 from internvl_chat.data.transforms import image_to_tiles, load_image, normalize_tiles
@@ -493,6 +489,26 @@ def test_lengths_from_field_estimate_and_sidecar(tmp_path):
     write_lengths_sidecar(tmp_path / "ds.jsonl", [5, 5, 5])
     ds = build_dataset(tmp_path / "meta.json", tokenizer(), config())
     assert ds.lengths == [field_, sized, unsized, text] * 2
+
+
+def test_tiles_per_sample_exact_from_sizes_else_unknown(tmp_path):
+    name = copy_photo(tmp_path)  # 640 x 360
+    make_video(tmp_path / "v.mp4", frames=4)
+    records = [
+        {"image": name, "width": 640, "height": 360, "conversations": conv("<image>\nDescribe.")},
+        {"image": [name, name], "width_list": [640, 640], "height_list": [360, 360],
+         "conversations": conv("<image><image>\nCompare.")},
+        {"image": name, "conversations": conv("<image>\nNo size given.")},
+        {"conversations": conv("Only text.")},
+        {"video": "v.mp4", "conversations": conv("<video>\nWhat happens?")},
+        "{broken",
+    ]
+    ds = build(tmp_path, records, bad_data="skip")
+    one, two = plan_tiles(640, 360, 1, 6, 448, True)[2], 2 * plan_tiles(640, 360, 1, 3, 448, True)[2]
+    assert ds.tiles == [one, two, UNKNOWN_TILES, 1, UNKNOWN_TILES, UNKNOWN_TILES]
+    for index in (0, 1, 3):  # the planned counts are what the samples hold
+        assert ds[index]["pixel_values"].shape[0] == ds.tiles[index]
+    assert build(tmp_path / "fixed", [records[0]], dynamic_image_size=False).tiles == [1]
 
 
 def test_sample_types_and_invalid_records(tmp_path):

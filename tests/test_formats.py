@@ -7,17 +7,11 @@ import json
 
 import pytest
 
-from internvl_chat.data import formats
+from internvl_chat.data import records as records_module
 from internvl_chat.data.errors import DataError
-from internvl_chat.data.formats import (
-    check_boxes,
-    count_records,
-    detect_file_format,
-    detect_format,
-    read_records,
-    to_official,
-    validate_official,
-)
+from internvl_chat.data.formats import detect_file_format, detect_format, to_official
+from internvl_chat.data.records import count_records, read_records
+from internvl_chat.data.validation import check_boxes, validate_official
 
 
 def turns(*pairs):
@@ -391,7 +385,7 @@ def test_read_jsonl_line_numbers_blank_and_invalid(tmp_path):
 
 
 def test_read_json_list_element_index(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats, "_CHUNK", 7)  # force elements to straddle read boundaries
+    monkeypatch.setattr(records_module, "_CHUNK", 7)  # force elements to straddle read boundaries
     records = [
         {"id": i, "image": f"{i}.jpg", "conversations": turns(("human", "<image>\nQ" * (i + 1)), ("gpt", "A"))}
         for i in range(5)

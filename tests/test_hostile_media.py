@@ -28,8 +28,10 @@ from PIL import Image, ImageFile, ImageOps
 
 from internvl_chat.data import media
 from internvl_chat.data import video as V
+from internvl_chat.data import video_decode as D
 from internvl_chat.data.check import StandInTokenizer, check_dataset
-from internvl_chat.data.dataset import DataConfig, SupervisedDataset
+from internvl_chat.data.config import DataConfig
+from internvl_chat.data.dataset import SupervisedDataset
 from internvl_chat.data.errors import DataError, parse_report
 from internvl_chat.data.media import MediaLimits, open_regular_file, sniff_image_size
 from internvl_chat.data.meta import load_meta
@@ -551,7 +553,7 @@ def test_gif_scan_matches_pil_without_decoding(tmp_path):
     frames = [Image.new("RGB", (20, 10), (40 * k, 0, 0)) for k in range(4)]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=[30, 0, 250, 70], loop=0)
     with open(path, "rb") as fp:
-        durations, size = V._scan_gif(fp, 0)
+        durations, size = D._scan_gif(fp, 0)
     with Image.open(path) as image:
         pil = []
         for k in range(image.n_frames):
@@ -559,7 +561,7 @@ def test_gif_scan_matches_pil_without_decoding(tmp_path):
             pil.append(image.info.get("duration") or 100)
     assert durations == pil and size == (20, 10)
     with open(path, "rb") as fp:
-        assert len(V._scan_gif(fp, 2)[0]) == 3  # stops one past the bound
+        assert len(D._scan_gif(fp, 2)[0]) == 3  # stops one past the bound
 
 
 def test_fps_sampling_of_an_absurd_frame_count_stays_small():

@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from internvl_chat.data.check import check_dataset
-from internvl_chat.data.dataset import DataConfig, build_dataset
+from internvl_chat.data.config import DataConfig
+from internvl_chat.data.dataset import build_dataset
 from internvl_chat.data.errors import parse_report
 from internvl_chat.data.meta import MetaError, load_meta
 from internvl_chat.model.tokenizer import load_tokenizer

@@ -27,9 +27,10 @@ from internvl_chat.constants import IGNORE_INDEX
 from internvl_chat.data.check import check_dataset
 from internvl_chat.data.collator import DataCollator
 from internvl_chat.data import dataset as dataset_module
-from internvl_chat.data.dataset import DataConfig, build_dataset
+from internvl_chat.data.config import DataConfig
+from internvl_chat.data.dataset import build_dataset
 from internvl_chat.data.errors import BadDataTracker, DataError, TooMuchBadDataError, parse_report, record_error
-from internvl_chat.data.formats import MAX_JSON_DEPTH, parse_json_line, read_records
+from internvl_chat.data.records import MAX_JSON_DEPTH, parse_json_line, read_records
 from internvl_chat.data.templates import TokenizerError, tokenize_conversation
 from internvl_chat.model.tokenizer import load_tokenizer
 
@@ -43,8 +44,7 @@ def tokenizer():
 
 
 def config(**overrides) -> DataConfig:
-    values = dict(template="internvl2_5", dynamic_image_size=False, max_seq_length=MAX_LEN, bad_data="skip",
-                  max_bad_fraction=1.0)
+    values = dict(template="internvl2_5", dynamic_image_size=False, max_seq_length=MAX_LEN, bad_data="skip")
     values.update(overrides)
     return DataConfig(**values)
 
@@ -344,7 +344,7 @@ def test_mostly_bad_set_stops_early(tmp_path):
     assert sum(raw != GOOD for raw in lines) == 20
     lines[1] = lines[2] = b"{oops"
     meta = write_corpus(tmp_path, lines)
-    dataset = build_dataset(meta, tokenizer(), config(max_bad_fraction=0.01))
+    dataset = build_dataset(meta, tokenizer(), config())
     tracker = BadDataTracker(max_bad_fraction=0.01)
     seen_items = 0
     with pytest.raises(TooMuchBadDataError, match=r"of the \d+ records seen so far are bad") as info:

@@ -3,7 +3,7 @@ real runs through the scripts on a tiny model.
 
 Command lines are checked with a fake `python` / `srun` first on PATH that record their argv and environment
 (no training); the end-to-end tests run the real scripts on CPU. The Slurm tests only run where `sinfo` reaches
-a controller (see environment.md section 8 for a one-node Slurm from Debian packages).
+a controller (a one-node Slurm from the Debian `slurm-wlm` packages is enough).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ LAUNCH_VARS = (
     "MASTER_PORT", "USE_GPU", "PYTHON", "CUDA_VISIBLE_DEVICES", "SCRIPT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
 )
 
-# The flags every official 2nd-finetune script passes (spec section 1.2), minus --overwrite_output_dir.
+# The flags every official 2nd-finetune script passes, minus --overwrite_output_dir.
 OFFICIAL_COMMON = {
     "--force_image_size": "448", "--down_sample_ratio": "0.5", "--vision_select_layer": "-1",
     "--dataloader_num_workers": "4", "--bf16": "True", "--num_train_epochs": "1", "--evaluation_strategy": "no",
@@ -185,7 +185,7 @@ def test_shell_files_parse(rel: str):
 
 
 def test_expected_launcher_set():
-    """The scripts users know, at the official paths (issue 4 / spec 1.2)."""
+    """The scripts users know, at the official paths."""
     names = {Path(p).name for p in BY_PATH}
     v20 = ["1b_qwen2_0_5b", "2b_internlm2_1_8b", "4b_phi3_3_8b", "8b_internlm2_7b", "26b_internlm2_20b",
            "40b_hermes2_yi_34b", "76b_hermes2_llama3_70b"]
@@ -583,7 +583,8 @@ def tiny_models(tmp_path_factory):
 
 
 def test_example_dataset_builds_every_sample(tiny_models):
-    from internvl_chat.data.dataset import DataConfig, build_dataset
+    from internvl_chat.data.config import DataConfig
+    from internvl_chat.data.dataset import build_dataset
     from internvl_chat.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_models("qwen2")))
@@ -729,7 +730,7 @@ def test_sbatch_template_on_local_slurm(partition: str, tiny_models, tmp_path: P
     assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
 
 
-# The official 2nd-finetune settings, transcribed from the compatibility spec (internvl-official.md section 1.2):
+# The official 2nd-finetune settings, transcribed from the official `shell/internvl2.*/2nd_finetune/` scripts:
 # script stem -> (conv_style, GPUS full/lora, PER_DEVICE, drop_path full, lr, weight_decay, max_seq_length,
 # DeepSpeed config).
 _Z1, _Z3, _Z34, _Z100 = ("zero_stage1_config.json", "zero_stage3_config.json", "zero_stage3_config_34b.json",
@@ -754,7 +755,7 @@ OFFICIAL_SETTINGS = {
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("stem", sorted(OFFICIAL_SETTINGS))
 def test_launcher_files_carry_the_official_settings(stem: str, mode: str):
-    """Read the shipped script itself (not the generator's table) and compare it with the spec's table."""
+    """Read the shipped script itself (not the generator's table) and compare it with the official settings."""
     conv, gpus_full, gpus_lora, per_device, drop_path, lr, wd, max_len, zero = OFFICIAL_SETTINGS[stem]
     text = (SHELL / f"{stem}_dynamic_res_2nd_finetune_{mode}.sh").read_text()
     env = dict(re.findall(r'^export (\w+)="\$\{\w+:-([^}]*)\}"$', text, flags=re.M))

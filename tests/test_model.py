@@ -52,6 +52,19 @@ def test_padded_batch_rows_match_single_samples(tiny):
     torch.testing.assert_close(logits[0, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
 
 
+def test_forward_takes_the_official_keywords_and_nothing_unknown(tiny):
+    model = InternVLChatModel.from_pretrained(tiny).eval()
+    batch = _batch(model, load_tokenizer(tiny))
+    with torch.no_grad():
+        out = model(**batch)
+        # official packed callers pass `statistics` and may ask for a tuple
+        loss, logits = model(**batch, statistics=torch.tensor([3, 0, 0]), return_dict=False)[:2]
+        torch.testing.assert_close(loss, out.loss)
+        torch.testing.assert_close(logits, out.logits)
+        with pytest.raises(TypeError, match="packed"):  # bookkeeping keys are the trainer's to pop
+            model(**batch, packed=True)
+
+
 def test_loss_weight_reductions_match_hand_computation():
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11)

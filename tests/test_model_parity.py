@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from internvl_chat.inference import build_prompt
 from internvl_chat.model import InternVLChatModel, load_tokenizer
 
 MODELS = ["qwen2_hermes2", "qwen2_internvl2_5"]
@@ -100,7 +101,7 @@ def test_chat_greedy(setup):
     call = _call(ref, "chat")
     config = dict(ref.json["generation"]["generation_config"])
     question = call["question"]
-    prompt = model.build_prompt("<image>\n" + question, None, call["num_patches_list"])
+    prompt = build_prompt(model, "<image>\n" + question, None, call["num_patches_list"])
     assert _prompt_ids(tok, prompt) == call["input_ids"][0]
     response = model.chat(tok, ref.tiles(call["tiles"]), question, config, num_patches_list=call["num_patches_list"])
     assert response == call["response"]
@@ -115,7 +116,7 @@ def test_chat_with_history(setup):
     call = _call(ref, "chat_history")
     config = dict(ref.json["generation"]["generation_config"])
     history = [tuple(turn) for turn in call["history"]]
-    prompt = model.build_prompt(call["question"], history, call["num_patches_list"])
+    prompt = build_prompt(model, call["question"], history, call["num_patches_list"])
     assert _prompt_ids(tok, prompt) == call["input_ids"][0]
     response, new_history = model.chat(
         tok, ref.tiles(call["tiles"]), call["question"], config, history=history, return_history=True,
@@ -135,7 +136,7 @@ def test_batch_chat_left_padding(setup):
     assert responses == call["response"]
     # the padded prompt batch is the official one
     prompts = [
-        model.build_prompt(q if "<image>" in q else "<image>\n" + q, None, [n])
+        build_prompt(model, q if "<image>" in q else "<image>\n" + q, None, [n])
         for q, n in zip(call["questions"], call["num_patches_list"])
     ]
     tok.padding_side = "left"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from internvl_chat.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl_chat.data.collator import DataCollator
+from internvl_chat.data.collator import DataCollator, pop_trainer_keys
 from internvl_chat.data.packing import (
     PackedCollator,
     PackedDataset,
@@ -213,6 +213,21 @@ def test_packed_dataset_estimates_tiles_when_the_dataset_has_none():
         PackedDataset(list(range(3)), 100)
 
 
+def test_packed_dataset_uses_dataset_tiles_and_estimates_unknown_ones():
+    lengths = [300, 300, 600, 600, 40, 40]  # estimated tiles 1, 1, 2, 2, 1, 1
+    tiles = [2, -1, 1, 1, -1, 2]  # -1: unknown (a video, an image without a size): estimated from the length
+    ds = PackedDataset(_IndexDataset(lengths, tiles), 10_000, max_tiles=2, seed=0)
+    used = [2, 1, 1, 1, 1, 2]
+    assert ds._tiles.tolist() == used and ds.estimated_tiles == 2
+    for pack in ds.packs:
+        assert sum(used[i] for i in pack) <= 2
+    # without a tile budget the dataset's counts take no part (the plan is the one of lengths alone)
+    assert PackedDataset(_IndexDataset(lengths, tiles), 10_000, seed=0).packs == \
+        PackedDataset(_IndexDataset(lengths), 10_000, seed=0).packs
+    with pytest.raises(ValueError, match="one count per sample"):
+        PackedDataset(_IndexDataset(lengths, tiles[:3]), 10_000, max_tiles=2)
+
+
 def test_packed_dataset_epoch_reaches_persistent_workers():
     lengths, _ = _random_lengths(300, seed=4)
     ds = PackedDataset(_IndexDataset(lengths), 2048, seed=1, chunk_size=64)
@@ -297,6 +312,13 @@ def test_collator_layout():
     assert cu[-1] == 2 * width and width + lens[2] in cu and width + lens[2] + lens[3] in cu
     assert batch["max_length_q"] == max(np.diff(cu))
     assert batch["skipped_samples"] == ["bad.jsonl:3: broken [invalid_json]"]
+    batch_skipped = batch["skipped_samples"]
+    # the batch says it is packed; the trainer pops that and the other bookkeeping keys before the forward
+    assert batch["packed"] is True and batch["num_samples"] == len(items)
+    assert "packed" not in DataCollator(pad_token_id=1400)(items)
+    about = pop_trainer_keys(batch)
+    assert about == {"packed": True, "num_samples": len(items), "skipped_samples": batch_skipped}
+    assert not {"packed", "num_samples", "skipped_samples"} & batch.keys()
     padded = PackedCollator(pad_token_id=1400, pad_to_multiple_of=64)([items[:2], items[2:]])
     assert padded["input_ids"].shape[1] % 64 == 0 and padded["cu_seq_lens_q"][-1] == padded["input_ids"].numel()
     # a pack over the budget (lengths were estimates) becomes several rows; no sample is cut
@@ -337,11 +359,18 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+def _model_inputs(batch):
+    """The batch without the keys the trainer pops (`packed`, `num_samples`, ...): what the model takes."""
+    batch = dict(batch)
+    pop_trainer_keys(batch)
+    return batch
+
+
 def _loss_and_grads(model, batch):
     model.train()
     model.zero_grad(set_to_none=True)
     try:
-        loss = model(**{k: v for k, v in batch.items() if k != "skipped_samples"}).loss
+        loss = model(**_model_inputs(batch)).loss
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     finally:
@@ -398,7 +427,7 @@ def test_sample_and_square_reductions_match_per_sample_formula(tiny_models, llm)
     for reduction, want in expected.items():
         batch = PackedCollator(tok.pad_token_id, loss_reduction=reduction)([items[:2], items[2:]])
         with torch.no_grad():
-            loss = model(**batch).loss
+            loss = model(**_model_inputs(batch)).loss
         torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5, msg=f"{llm} {reduction}")
     assert not torch.isclose(expected["sample"], expected["square"])
 
@@ -421,7 +450,7 @@ def test_samples_in_a_pack_do_not_see_each_other(tiny_models, llm):
     tail = batch["input_ids"].shape[1] - len(d["input_ids"])
     assert tail > 512 and int(batch["position_ids"].max()) < 512
     with torch.no_grad():
-        logits = model(**batch).logits
+        logits = model(**_model_inputs(batch)).logits
     starts = {0: np.cumsum([0] + [len(it["input_ids"]) for it in packs[0]]).tolist(), 1: [0]}
     for row, pack in enumerate(packs):
         for start, item in zip(starts[row], pack):
@@ -434,7 +463,7 @@ def test_samples_in_a_pack_do_not_see_each_other(tiny_models, llm):
     changed = dict(a, input_ids=torch.randint(*_TEXT_IDS, a["input_ids"].shape, generator=torch.Generator()))
     b_slice = slice(starts[0][1], starts[0][-1])
     with torch.no_grad():
-        after = model(**collate([[changed, b, c, e], [d]])).logits
+        after = model(**_model_inputs(collate([[changed, b, c, e], [d]]))).logits
     torch.testing.assert_close(after[0, b_slice], logits[0, b_slice], atol=1e-6, rtol=0)
     assert (after[0, : starts[0][1]] - logits[0, : starts[0][1]]).abs().max() > 1e-3
 
@@ -442,7 +471,8 @@ def test_samples_in_a_pack_do_not_see_each_other(tiny_models, llm):
     flat = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
     flat_changed = dict(collate([[changed, b, c, e], [d]]), position_ids=flat["position_ids"])
     with torch.no_grad():
-        leak = (model(**flat_changed).logits[0, b_slice] - model(**flat).logits[0, b_slice]).abs().max()
+        leak = (model(**_model_inputs(flat_changed)).logits[0, b_slice]
+                - model(**_model_inputs(flat)).logits[0, b_slice]).abs().max()
     assert leak > 1e-3
 
 
@@ -479,7 +509,7 @@ def test_flash_varlen_boundaries_isolate_samples(tiny_models, llm):
     items = _items(tok)
     batch = PackedCollator(tok.pad_token_id)([items[:2], items[2:]])
     with torch.no_grad():
-        expected = model(**batch).logits  # SDPA with the block-diagonal mask
+        expected = model(**_model_inputs(batch)).logits  # SDPA with the block-diagonal mask
     AttentionInterface.register("packing_test_varlen", _varlen_reference_attention)
     config = model.language_model.config
     saved = config._attn_implementation
@@ -487,7 +517,7 @@ def test_flash_varlen_boundaries_isolate_samples(tiny_models, llm):
     try:
         _varlen_calls.clear()
         with torch.no_grad():
-            got = model(**batch).logits
+            got = model(**_model_inputs(batch)).logits
         assert len(_varlen_calls) == config.num_hidden_layers
         # mis-declared boundaries (one span per row) do change the result: the kwargs are really used
         width = batch["input_ids"].shape[1]
@@ -495,7 +525,7 @@ def test_flash_varlen_boundaries_isolate_samples(tiny_models, llm):
                      max_length_q=width, max_length_k=width)
         wrong["cu_seq_lens_k"] = wrong["cu_seq_lens_q"]
         with torch.no_grad():
-            leaked = model(**wrong).logits
+            leaked = model(**_model_inputs(wrong)).logits
     finally:
         config._attn_implementation = saved
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ from internvl_chat.data.transforms import image_to_tiles, load_image
 
 DATA = Path(__file__).resolve().parent / "fixtures" / "data"
 
-# Section 4.1 of the compatibility spec lists the official order for max 6 and max 12.
+# The official order of candidate grids (official `dynamic_preprocess`) for max 6 and max 12.
 OFFICIAL_ORDER_MAX6 = [
     (1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (1, 4), (2, 2), (1, 5), (5, 1), (6, 1), (2, 3),
     (1, 6), (3, 2),
@@ -138,8 +138,9 @@ def test_candidate_order_equals_the_interpreters_set_order():
             assert candidate_grids(min_num, max_num) == expected, (min_num, max_num)
 
 
-def test_worked_examples_of_the_spec():
-    # Section 4.2's table (image_size 448, thumbnail on); independent of tiling.json.
+def test_worked_examples_of_the_official_tiling():
+    # Grids worked by hand from the official `dynamic_preprocess` (image_size 448, thumbnail on); independent of
+    # tiling.json.
     for (w, h), six, twelve in [
         ((800, 600), (3, 2, 7), (4, 3, 13)),
         ((1000, 1000), (2, 2, 5), (3, 3, 10)),

@@ -1,4 +1,4 @@
-"""Tokenizer loading (internvl_chat.model.tokenizer) and the tiny offline tokenizers (internvl_chat.tiny).
+"""Tokenizer loading (internvl_chat.model.tokenizer) and the tiny offline tokenizers (internvl_chat.tiny_tokenizer).
 
 References: the fixture tokenizers and tokenizer_info.json written by the official code, transformers'
 AutoTokenizer on the same files, and the sentencepiece library run directly on the InternLM2 model file.
@@ -21,7 +21,7 @@ from internvl_chat.model.tokenizer import (
     ensure_internvl_tokens,
     load_tokenizer,
 )
-from internvl_chat.tiny import ALL_SPECIAL_TOKENS, FLAVOURS, build_tiny_tokenizer
+from internvl_chat.tiny_tokenizer import ALL_SPECIAL_TOKENS, FLAVOURS, build_tiny_tokenizer
 
 FIXTURE_TOKENIZERS = {"qwen2": "tokenizer_qwen2", "bos": "tokenizer_bos"}
 

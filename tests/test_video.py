@@ -1,4 +1,4 @@
-"""Video frames: the official index rules (worked by hand from the spec formulas), decoding of
+"""Video frames: the official index rules (worked by hand from the official formulas), decoding of
 video files / GIFs / frame folders identified by per-frame colour, errors, and prompt prefixes."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from internvl_chat.data import video as V
+from internvl_chat.data import video_decode as D
 from internvl_chat.data.errors import DataError
 from internvl_chat.data.tiling import plan_tiles
 
@@ -67,7 +68,7 @@ def mkv(tmp_path_factory):
 
 
 def official_intervals(num_frames, vlen):
-    """Interval bounds written out from the spec: linspace(0, vlen, n+1).astype(int)."""
+    """Interval bounds as the official code computes them: linspace(0, vlen, n+1).astype(int)."""
     n = min(num_frames, vlen)
     edges = [int(x) for x in np.linspace(0, vlen, n + 1)]
     return [(edges[k], edges[k + 1] - 1) for k in range(n)]
@@ -224,9 +225,9 @@ def test_chat_rule_matches_the_readme_formula():
 
 
 def test_probe_reads_count_and_rate_from_metadata_or_by_counting(mp4, mkv):
-    assert V.probe_video(mp4) == V.VideoInfo(str(mp4), "video", 30, 10.0)
+    assert D.probe_video(mp4) == D.VideoInfo(str(mp4), "video", 30, 10.0)
     # Matroska declares no frame count: it is counted from the packets.
-    assert V.probe_video(mkv).num_frames == 30
+    assert D.probe_video(mkv).num_frames == 30
 
 
 @pytest.mark.parametrize("container", ["mp4", "mkv"])
@@ -264,12 +265,12 @@ def test_seeking_to_a_late_clip_gives_the_same_frames(tmp_path, monkeypatch):
     )
     expected = V.sample_frame_indices(5, 60, sample="middle", fps=10, clip=[3.2, 5.8])
     assert expected[0] > 30
-    monkeypatch.setattr(V, "_SEEK_MIN_FRAMES", 0)
+    monkeypatch.setattr(D, "_SEEK_MIN_FRAMES", 0)
 
     def no_sequential_decode(*args):
         raise AssertionError("expected the seek path, not a decode from the start")
 
-    monkeypatch.setattr(V._PyAVSource, "_collect_in_order", no_sequential_decode)
+    monkeypatch.setattr(D._PyAVSource, "_collect_in_order", no_sequential_decode)
     frames, indices = V.read_frames(path, num_frames=5, sample="middle", clip=[3.2, 5.8])
     assert indices == expected
     assert [frame_id(f) for f in frames] == indices
@@ -281,7 +282,7 @@ def test_metadata_overcount_is_resampled_with_the_true_count(tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "truncated.mp4"
     cut.write_bytes(data[: packet_positions(path)[20]])
-    assert V.probe_video(cut).num_frames == 30
+    assert D.probe_video(cut).num_frames == 30
     frames, indices = V.read_frames(cut, num_frames=8, sample="middle")
     assert indices == V.sample_frame_indices(8, 20, sample="middle")
     assert [frame_id(f) for f in frames] == indices
@@ -305,7 +306,7 @@ def make_gif(path, num_frames=12, duration_ms=50, mode="P"):
 @pytest.mark.parametrize("mode", ["P", "RGBA"])
 def test_gif_frames(tmp_path, mode):
     path = make_gif(tmp_path / "anim.gif", mode=mode)
-    info = V.probe_video(path)
+    info = D.probe_video(path)
     assert (info.kind, info.num_frames, info.fps) == ("gif", 12, 20.0)  # 50 ms per frame
     # 12 frames, 4 wanted: edges 0,3,6,9,12 -> midpoints 1,4,7,10.
     frames, indices = V.read_frames(path, num_frames=4, sample="middle")
@@ -333,7 +334,7 @@ def test_frame_folder_is_sorted_by_trailing_number_and_subsampled_only_when_long
     random.Random(0).shuffle(order)  # creation order says nothing
     folder = make_folder(tmp_path / "frames", [names[i] for i in order], colours=order)
     (folder / "notes.txt").write_text("not a frame")
-    info = V.probe_video(folder)
+    info = D.probe_video(folder)
     assert (info.kind, info.num_frames, info.fps) == ("folder", 12, 1.0)
 
     frames, indices = V.read_frames(folder, num_frames=4, sample="middle")

@@ -11,12 +11,9 @@ shows, one question per line (colour, shape, count, grounding), each naming its 
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from internvl_chat.demo_data import make_demo_dataset, make_heldout_split  # noqa: E402
+from internvl_chat.demo_data import make_demo_dataset, make_heldout_split
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from internvl_chat.demo_data import make_demo_dataset  # noqa: E402
+from internvl_chat.demo_data import make_demo_dataset
 
 SHIPPED_DIR = REPO / "shell" / "data" / "example"
 SHIPPED_META = REPO / "shell" / "data" / "example_finetune.json"

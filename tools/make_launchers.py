@@ -5,9 +5,10 @@
     python tools/make_launchers.py --check    # exit 1 if a script on disk differs from the table
 
 Each generated script is a few lines of settings plus one call to `shell/launch.sh`, which holds everything the
-scripts share. The numbers are the official scripts' (spec: internvl-official.md section 1.2; InternVL 1.5 and
-Mini-InternVL from the official `shell/internvl1.5/2nd_finetune/` scripts). To change a default, change
-`MODELS` below and re-run; `tests/test_launchers.py` fails when the files and the table disagree.
+scripts share. The numbers are the official scripts' (`shell/internvl2.0/2nd_finetune/`,
+`shell/internvl2.5/2nd_finetune/` and, for InternVL 1.5 and Mini-InternVL, `shell/internvl1.5/2nd_finetune/`).
+To change a default, change `MODELS` below and re-run; `tests/test_launchers.py` fails when the files and the table
+disagree.
 """
 
 from __future__ import annotations

@@ -7,12 +7,8 @@ Deterministic for a --seed. Used by the tests, the demo and the benchmarks: no w
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from internvl_chat.tiny_model import LLM_PRESETS, VIT_STYLES, make_tiny_model  # noqa: E402
+from internvl_chat.tiny_model import LLM_PRESETS, VIT_STYLES, make_tiny_model
 
 
 def main(argv=None) -> int:

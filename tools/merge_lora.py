@@ -14,15 +14,12 @@ import glob
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from internvl_chat.model import InternVLChatModel, load_tokenizer  # noqa: E402
-from internvl_chat.model.weight_files import CorruptWeightsError, UnsafeWeightsError, check_weights_dir  # noqa: E402
+from internvl_chat.model import InternVLChatModel, load_tokenizer
+from internvl_chat.model.weight_files import CorruptWeightsError, UnsafeWeightsError, check_weights_dir
 
 
 # top-level fields a fine-tuning run writes (finetune.py); copied from a QLoRA run onto its full-precision base

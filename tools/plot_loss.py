@@ -7,11 +7,8 @@
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from internvl_chat.train.loss_curve import plot_loss_curve  # noqa: E402
+from internvl_chat.train.loss_curve import plot_loss_curve
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,10 @@
 """Reading the fields of a metric record, with one error type that says which record is wrong and why.
 
-A record is one sample of the CLI contract (issue 10): ``"prediction"`` (str) and either ``"answers"`` (list of str)
-or ``"answer"`` (str; for ``iou_acc`` a pixel box ``[x1, y1, x2, y2]`` with ``"width"`` and ``"height"``), plus
-``"options"`` for ``mc_acc``. Metrics never index a record directly: they call these helpers, so every malformed
-record fails the same way, with its position, before any score is computed. The CLI turns the position into
-``FILE:LINE``.
+A record is one line of the ``eval.score`` input (its contract is in eval/score.py): ``"prediction"`` (str) and
+either ``"answers"`` (list of str) or ``"answer"`` (str; for ``iou_acc`` a pixel box ``[x1, y1, x2, y2]`` with
+``"width"`` and ``"height"``), plus ``"options"`` for ``mc_acc``. Metrics never index a record directly: they call
+these helpers, so every malformed record fails the same way, with its position, before any score is computed. The
+CLI turns the position into ``FILE:LINE``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ score is the mean over samples. For the usual 10 answers a prediction given by k
 Number of references (our decision, documented): the official evaluator asserts exactly 10. For N >= 2 we apply the
 same leave-one-out formula over the N answers (as VLMEvalKit's ``process_line(method='vqa_score')`` does). For N = 1
 leave-one-out has nobody left to agree with (it would score every prediction 0), so a single reference degrades to
-exact match after normalisation, as issue 10 asks: 1.0 if the normalised forms are equal, else 0.0.
+exact match after normalisation: 1.0 if the normalised forms are equal, else 0.0.
 
 Quirks kept by default: those of the normaliser (see :mod:`eval.metrics.evalai`). The leave-one-out formula is the
 definition, not a quirk, so ``textbook=True`` only switches the normaliser to its fixed form.

@@ -16,7 +16,7 @@ from threading import Thread
 import torch
 from transformers import TextIteratorStreamer
 
-from ..inference import images_for_model, multi_image_prefix
+from ..inference import chat_template, images_for_model, multi_image_prefix
 from ..model import InternVLChatModel, load_tokenizer
 from ..model.weight_files import CorruptWeightsError, UnsafeWeightsError
 
@@ -76,7 +76,7 @@ class ChatSession:
 
         thread = Thread(target=run, daemon=True)
         thread.start()
-        stop = self.model._template().stop_str
+        stop = chat_template(self.model).stop_str
         for piece in streamer:
             out.write(piece.split(stop)[0])
             out.flush()

@@ -4,6 +4,11 @@ Differences from the official `concat_pad_data_collator`, on purpose: padding us
 explicit attention mask (the official collator pads with id 0 and then masks every token whose id is 0, which hides
 real tokens — id 0 is `!` in Qwen and Llama-3 vocabularies), and per-token loss weights are built in every mode, so
 `--loss_reduction sample|square` is honoured without packing (officially it only works with packed data).
+
+The batch contract, shared with :class:`internvl_chat.data.packing.PackedCollator`: a batch is a dict of the
+model's forward arguments plus the :data:`TRAINER_KEYS`, which describe the batch to the trainer and which the
+trainer pops before calling the model. A padded batch (this collator) has an `attention_mask`; a packed batch says
+so with `packed: True`, has no `attention_mask` and holds `num_samples` samples in fewer rows.
 """
 
 from __future__ import annotations
@@ -17,6 +22,16 @@ import torch
 from ..constants import IGNORE_INDEX
 
 LOSS_REDUCTIONS = ("token", "sample", "square")
+
+# Batch keys for the trainer, never passed to the model: `packed` (True for PackedCollator batches), `num_samples`
+# (samples in the batch, when rows hold several), `skipped_samples` (the bad samples the dataset replaced) and
+# `sample_ids` (one "<file>:<line>" per sample, for counting distinct bad records).
+TRAINER_KEYS = ("packed", "num_samples", "skipped_samples", "sample_ids")
+
+
+def pop_trainer_keys(batch: dict[str, Any]) -> dict[str, Any]:
+    """Remove the :data:`TRAINER_KEYS` from a collated batch and return them; what stays is `model(**batch)`."""
+    return {k: batch.pop(k) for k in TRAINER_KEYS if k in batch}
 
 
 def token_weight(num_supervised: int, reduction: str) -> float:

@@ -1,7 +1,7 @@
 """Opening media files safely: what a path is, how big an image is, before anything is decoded.
 
 Three guards, shared by the image loader (:func:`~internvl_chat.data.transforms.load_image`), the
-video reader (:mod:`~internvl_chat.data.video`), the dataset, the checker and chat:
+video decoders (:mod:`~internvl_chat.data.video_decode`), the dataset, the checker and chat:
 
 * **Only regular files are read.** :func:`check_media_path` ``stat``\\ s the path first and names
   what it is when it is not a file: a directory, a FIFO (named pipe: ``open`` blocks until a writer

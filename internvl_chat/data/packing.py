@@ -5,11 +5,13 @@ of them wastes most of the compute; concatenating several samples into one row o
 wastes almost none, and with per-sample attention isolation the model computes exactly what it would for each
 sample alone (same logits, same loss, same gradients under token reduction).
 
-How this differs from the official `PackedDataset` (an IterableDataset, spec section 7.3), on purpose:
+How this differs from the official `PackedDataset` (an IterableDataset that streams buffers), on purpose:
 
 * The packing is *planned* over the map-style dataset from its length estimates (:func:`plan_packs`), so
   :class:`PackedDataset` has a `len()`: the HF Trainer needs no `--max_steps`, epochs work, and a resumed run sees
   the same packs as an uninterrupted one (the plan depends only on the lengths, the seed and the epoch).
+* The batch says it is packed (`packed: True`, popped by the trainer with the other bookkeeping keys of
+  :data:`internvl_chat.data.collator.TRAINER_KEYS`), so nothing downstream guesses packing from missing keys.
 * Attention isolation needs no patched attention classes. :class:`PackedCollator` restarts `position_ids` at 0
   for every sample and passes NO `attention_mask`: transformers' `create_causal_mask` then detects the packed
   format from the position ids and builds a block-diagonal causal mask (SDPA, eager), and the collator also
@@ -275,7 +277,10 @@ class PackedDataset(torch.utils.data.Dataset):
     persistent workers follow too; the plan is a pure function of (lengths, seed, epoch), identical everywhere.
 
     Lengths come from `dataset.lengths` (estimates are fine: the collator splits an over-long pack into extra
-    rows). Tiles for the `max_tiles` budget come from `tiles`, else `dataset.tiles`, else :func:`estimate_tiles`.
+    rows). Tiles for the `max_tiles` budget come from `tiles`, else `dataset.tiles` (one count per sample, as
+    `SupervisedDataset.tiles` gives them from the start-up scan); a sample whose count is negative (unknown, e.g.
+    a video) or a dataset without `tiles` gets :func:`estimate_tiles` from its length. Without `max_tiles` only an
+    explicit `tiles` takes part (it breaks length ties in the plan).
     """
 
     def __init__(
@@ -309,10 +314,9 @@ class PackedDataset(torch.utils.data.Dataset):
             raise ValueError(f"{len(self._lengths)} lengths for a dataset of {len(dataset)} samples")
         if len(self._lengths) == 0:
             raise ValueError("cannot pack an empty dataset")
-        if tiles is None:
-            tiles = getattr(dataset, "tiles", None)
+        self.estimated_tiles = 0  # samples whose tile count for the tile budget is estimated from their length
         if tiles is None and self.max_tiles is not None:
-            tiles = estimate_tiles(self._lengths, num_image_token)
+            tiles, self.estimated_tiles = self._dataset_tiles(getattr(dataset, "tiles", None), num_image_token)
         self._tiles = None if tiles is None else _as_counts(tiles, "tiles")
         if self._tiles is not None and len(self._tiles) != len(self._lengths):
             raise ValueError(f"{len(self._tiles)} tile counts for a dataset of {len(self._lengths)} samples")
@@ -323,9 +327,22 @@ class PackedDataset(torch.utils.data.Dataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.stats = packing_stats(self._packs, self._lengths, self.max_packed_tokens,
                                    tiles=self._tiles, max_tiles=self.max_tiles)
-        logger.info("packing: %s", self.stats)
+        guessed = f", tiles of {self.estimated_tiles} samples estimated from their length"
+        logger.info("packing: %s%s", self.stats, guessed if self.estimated_tiles else "")
 
     # --- planning ---------------------------------------------------------------------------------------------
+    def _dataset_tiles(self, known: Sequence[int] | None, num_image_token: int) -> tuple[np.ndarray, int]:
+        """(tiles per sample, how many estimated): the dataset's counts, with unknown (negative) ones and all of a
+        dataset without counts estimated from the length."""
+        estimated = np.asarray(estimate_tiles(self._lengths, num_image_token), np.int64)
+        if known is None:
+            return estimated, len(estimated)
+        known = np.asarray(known)
+        if known.ndim != 1 or len(known) != len(self._lengths):
+            raise ValueError(f"dataset.tiles has shape {known.shape}; need one count per sample ({len(self._lengths)})")
+        known = known.astype(np.int64)
+        return np.where(known < 0, estimated, known), int((known < 0).sum())
+
     def _plan(self, *seed: int) -> list[list[int]]:
         return plan_packs(self._lengths, self.max_packed_tokens, tiles=self._tiles, max_tiles=self.max_tiles,
                           seed=list(seed), chunk_size=self.chunk_size)
@@ -430,8 +447,11 @@ class PackedCollator:
     each supervised token of a sample `token_weight(num_supervised of that ORIGINAL sample)`. A pack longer than
     `max_packed_tokens` real tokens becomes several rows; no sample is ever cut. `use_cache=False` is passed
     because a KV cache in the forward disables transformers' packed-sequence detection (the mask would then be
-    plainly causal across samples). `skipped_samples` lists what the dataset skipped, and `sample_ids` (with
-    `with_sample_ids`) the items' ids, as in `DataCollator`.
+    plainly causal across samples).
+
+    For the trainer (collator.TRAINER_KEYS, popped before the forward): `packed: True`, `num_samples` (samples in
+    the batch), `skipped_samples` (what the dataset skipped) and, with `with_sample_ids`, `sample_ids`, as in
+    `DataCollator`.
     """
 
     pad_token_id: int
@@ -481,9 +501,8 @@ class PackedCollator:
                 ids = torch.as_tensor(item["input_ids"]).reshape(-1)
                 lab = torch.as_tensor(item["labels"]).reshape(-1)
                 if lab.shape != ids.shape:
-                    raise ValueError(
-                        f"sample {item.get('sample_id', '?')}: labels has {lab.numel()} entries, input_ids {ids.numel()}"
-                    )
+                    raise ValueError(f"sample {item.get('sample_id', '?')}: labels has {lab.numel()} entries, "
+                                     f"input_ids {ids.numel()}")
                 n = ids.numel()
                 end = start + n
                 input_ids[r, start:end] = ids
@@ -508,7 +527,8 @@ class PackedCollator:
             "labels": labels,
             "position_ids": position_ids,
             "use_cache": False,
-            "num_samples": len(items_in_order),  # for throughput / bad-data accounting; the model ignores it
+            "packed": True,
+            "num_samples": len(items_in_order),  # rows hold several samples: throughput and bad-data accounting
         }
         try:
             out["pixel_values"] = torch.cat([torch.as_tensor(item["pixel_values"]) for item in items_in_order])

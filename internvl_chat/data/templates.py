@@ -5,7 +5,7 @@ The chat API renders generation prompts with :meth:`Template.render`, and the tr
 means a prompt seen in training and a prompt built at inference can never drift apart.
 
 Template strings, default system messages and the per-template tokenization rules are facts taken from the official
-InternVL ``conversation.py`` / ``preprocess_*`` functions (see the compatibility spec, sections 6.3 and 6.4). The
+InternVL ``conversation.py`` / ``preprocess_*`` functions. The
 masking code itself is our own: every prompt is described as a list of text chunks flagged "supervised" or not, and a
 token is supervised when it falls inside a supervised chunk, where each chunk boundary sits at the token count of the
 text before it (which is also how the official code measures its turns).
@@ -75,6 +75,7 @@ from internvl_chat.constants import (
     IMG_END_TOKEN,
     IMG_START_TOKEN,
 )
+from internvl_chat.data.validation import ASSISTANT_ROLES, GPT, HUMAN, SYSTEM, USER_ROLES, official_role
 
 __all__ = [
     "TEMPLATE_NAMES",
@@ -244,7 +245,7 @@ def get_template(name: str) -> Template:
 
 @dataclass(frozen=True)
 class _Rule:
-    """How the official training code tokenized one template (spec 6.4)."""
+    """How the official training code tokenized one template (its ``preprocess_*`` function)."""
 
     per_message: bool = False  # tokenize each block separately (internvl2_5)
     strip_messages: bool = False  # str.strip() every message first (internlm2-chat)
@@ -260,18 +261,17 @@ _RULES: dict[str, _Rule] = {
 }
 _DEFAULT_RULE = _Rule()
 
-_USER_ROLES = ("human", "user")
-_ASSISTANT_ROLES = ("gpt", "assistant")
-_SYSTEM_ROLE = "system"
-
-
 def image_block(num_tokens: int) -> str:
     """The text that replaces one ``<image>``: ``<img>`` + ``<IMG_CONTEXT>`` * num_tokens + ``</img>``."""
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * num_tokens + IMG_END_TOKEN
 
 
 def _parse_conversation(conversations: Any) -> tuple[str | None, list[tuple[bool, str]]]:
-    """Validate the data's turns; return (system message or None, [(is_assistant, text), ...])."""
+    """(system message or None, [(is_assistant, text), ...]) of the turns.
+
+    Records that reach the templates through the dataset passed the gate of :mod:`~internvl_chat.data.validation`;
+    these cheap checks stay for direct callers of :func:`tokenize_conversation` (a ``ValueError`` naming the turn).
+    """
     if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
         raise ValueError(f"conversations must be a list of turns, got {type(conversations).__name__}")
     if not conversations:
@@ -284,19 +284,17 @@ def _parse_conversation(conversations: Any) -> tuple[str | None, list[tuple[bool
         role, value = turn["from"], turn["value"]
         if not isinstance(value, str):
             raise ValueError(f"turn {index} ({role!r}) has a non-string value {value!r}")
-        role_key = role.lower() if isinstance(role, str) else role
-        if role_key == _SYSTEM_ROLE:
+        official = official_role(role)
+        if official == SYSTEM:
             if index != 0:
                 raise ValueError(f"turn {index} is a 'system' turn; a system turn is only allowed first")
             system = value
-        elif role_key in _USER_ROLES:
-            turns.append((False, value))
-        elif role_key in _ASSISTANT_ROLES:
-            turns.append((True, value))
+        elif official in (HUMAN, GPT):
+            turns.append((official == GPT, value))
         else:
             raise ValueError(
                 f"turn {index} has unknown role {role!r}; expected one of "
-                f"{', '.join(_USER_ROLES + _ASSISTANT_ROLES)} or a leading {_SYSTEM_ROLE!r}"
+                f"{', '.join(USER_ROLES + ASSISTANT_ROLES)} or a leading {SYSTEM!r}"
             )
     return system, turns
 
@@ -414,6 +412,24 @@ def tokenize_conversation(
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     rule = _RULES.get(tpl.name, _DEFAULT_RULE)
+    system, turns = _template_turns(conversations, rule)
+    pending = _image_token_counts(num_image_tokens, text_only)
+    num_images = len(pending)
+    system, messages = _expand_images(tpl, rule, system, turns, pending)
+    input_ids, supervised = _tokenize_messages(tpl, rule, tokenizer, messages, system)
+    labels = [i if flag else IGNORE_INDEX for i, flag in zip(input_ids, supervised)]
+    if not any(supervised):
+        raise ValueError("no supervised token after tokenization (empty assistant replies?)")
+    num_blocks = num_images - len(pending)
+    end_id = _image_token_ids(tokenizer) if num_blocks else None
+    if max_length is not None and len(input_ids) > max_length:
+        input_ids, labels = _cut(input_ids, labels, max_length, num_blocks, end_id, len(supervised))
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _template_turns(conversations: Any, rule: _Rule) -> tuple[str | None, list[tuple[bool, str]]]:
+    """The turns as the template's official preprocessing sees them: a leading assistant turn dropped (all but
+    ``internvl2_5``), messages stripped (``internlm2-chat``)."""
     system, turns = _parse_conversation(conversations)
     if not rule.keep_leading_assistant and turns and turns[0][0]:
         turns = turns[1:]
@@ -422,9 +438,14 @@ def tokenize_conversation(
     if rule.strip_messages:
         system = None if system is None else system.strip()
         turns = [(is_assistant, text.strip()) for is_assistant, text in turns]
+    return system, turns
 
-    # Expand <image> placeholders in prompt order.
-    pending = _image_token_counts(num_image_tokens, text_only)
+
+def _expand_images(
+    tpl: Template, rule: _Rule, system: str | None, turns: list[tuple[bool, str]], pending: list[int]
+) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """Replace ``<image>`` placeholders in prompt order with image blocks, taking their sizes from ``pending``
+    (consumed); the messages as ``(role string, text or None)``."""
     num_images = len(pending)
 
     def expand(text: str, where: str) -> str:
@@ -453,7 +474,13 @@ def tokenize_conversation(
             f"{num_images} image(s) given but only {num_images - len(pending)} {IMAGE_PLACEHOLDER} placeholder(s) "
             "in the user turns"
         )
+    return system, messages
 
+
+def _tokenize_messages(
+    tpl: Template, rule: _Rule, tokenizer, messages: list[tuple[str, str | None]], system: str | None
+) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered prompt (the tokenizer's own affixes included) and which ones are supervised."""
     groups = tpl.chunk_groups(messages, system)
     if not rule.per_message:
         groups = [[chunk for group in groups for chunk in group]]
@@ -466,36 +493,39 @@ def tokenize_conversation(
         supervised += flags
     input_ids += suffix_ids
     supervised += [False] * len(suffix_ids)
-
     for token in rule.unsupervised_tokens:
         token_id = _token_id(tokenizer, token)
         if token_id is not None:
             supervised = [flag and i != token_id for i, flag in zip(input_ids, supervised)]
-    labels = [i if flag else IGNORE_INDEX for i, flag in zip(input_ids, supervised)]
-    if not any(supervised):
-        raise ValueError("no supervised token after tokenization (empty assistant replies?)")
+    return input_ids, supervised
 
-    num_blocks = num_images - len(pending)
+
+def _image_token_ids(tokenizer) -> int:
+    """The id of ``</img>``; a tokenizer without the InternVL special tokens cannot tokenize image samples."""
+    context_id = _token_id(tokenizer, IMG_CONTEXT_TOKEN)
+    end_id = _token_id(tokenizer, IMG_END_TOKEN)
+    if context_id is None or end_id is None:
+        raise ValueError(
+            f"the tokenizer does not know {IMG_CONTEXT_TOKEN} / {IMG_END_TOKEN}: add the InternVL special tokens "
+            "to it before tokenizing image samples"
+        )
+    return end_id
+
+
+def _cut(input_ids: list[int], labels: list[int], max_length: int, num_blocks: int, end_id: int | None,
+         full_length: int) -> tuple[list[int], list[int]]:
+    """The official hard cut at ``max_length``, refused (:class:`SampleTooLongError`) when it would go through an
+    image block or leave no supervised token."""
     if num_blocks:
-        context_id = _token_id(tokenizer, IMG_CONTEXT_TOKEN)
-        end_id = _token_id(tokenizer, IMG_END_TOKEN)
-        if context_id is None or end_id is None:
-            raise ValueError(
-                f"the tokenizer does not know {IMG_CONTEXT_TOKEN} / {IMG_END_TOKEN}: add the InternVL special tokens "
-                "to it before tokenizing image samples"
-            )
-    if max_length is not None and len(input_ids) > max_length:
-        if num_blocks:
-            needed = max(i for i, token_id in enumerate(input_ids) if token_id == end_id) + 1
-            if needed > max_length:
-                raise SampleTooLongError(
-                    f"sample needs {needed} tokens to keep its {num_blocks} image block(s) whole, "
-                    f"but max_length is {max_length} (total length {len(input_ids)})"
-                )
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        needed = max(i for i, token_id in enumerate(input_ids) if token_id == end_id) + 1
+        if needed > max_length:
             raise SampleTooLongError(
-                f"cutting the sample from {len(supervised)} to max_length={max_length} tokens leaves no "
-                "supervised token"
+                f"sample needs {needed} tokens to keep its {num_blocks} image block(s) whole, "
+                f"but max_length is {max_length} (total length {len(input_ids)})"
             )
-    return {"input_ids": input_ids, "labels": labels}
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise SampleTooLongError(
+            f"cutting the sample from {full_length} to max_length={max_length} tokens leaves no supervised token"
+        )
+    return input_ids, labels

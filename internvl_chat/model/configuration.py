@@ -16,6 +16,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from ..data.config import num_image_tokens
+
 # architectures[0] of llm_config -> (module, config class, model class)
 LLM_FAMILIES: dict[str, tuple[str, str, str]] = {
     "Qwen2ForCausalLM": ("transformers", "Qwen2Config", "Qwen2ForCausalLM"),
@@ -225,8 +227,8 @@ class InternVLChatConfig(PreTrainedConfig):
 
     @property
     def num_image_token(self) -> int:
-        patch = self.vision_config.patch_size
-        return int((self.image_size // patch) ** 2 * (self.downsample_ratio**2))
+        """Context tokens per tile (256 for 448-px tiles, patch 14, ratio 0.5)."""
+        return num_image_tokens(self.image_size, self.vision_config.patch_size, self.downsample_ratio)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         return self.llm_config

@@ -2,7 +2,8 @@
 
 In-memory parameter names equal the names in official checkpoints (`vision_model.*`, `mlp1.{0,1,3}.*`,
 `language_model.*` in the LLM's own naming), so `from_pretrained` / `save_pretrained` / Trainer resume / peft all
-see the official layout with no renaming step that could silently drop a tensor.
+see the official layout with no renaming step that could silently drop a tensor. `chat()` / `batch_chat()` keep the
+official signatures and hand the prompt building to `internvl_chat/inference.py`.
 
 Differences from the official model, on purpose:
 - If the number of `<IMG_CONTEXT>` positions differs from the number of image features, forward raises a
@@ -29,13 +30,8 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..constants import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
-    IMG_CONTEXT_TOKEN,
-    IMG_END_TOKEN,
-    IMG_START_TOKEN,
-)
+from .. import inference
+from ..constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from .configuration import InternVLChatConfig, llm_classes, llm_family
 from .vision import InternVisionModel, init_linear_and_norm
 
@@ -388,18 +384,25 @@ class InternVLChatModel(PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        loss_weight: torch.Tensor | None = None,
-        loss_reduction_all_gather: bool = False,
         statistics: torch.Tensor | None = None,
-        num_samples: int | None = None,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Official training batch in, `CausalLMOutputWithPast` out.
+        loss_weight: torch.Tensor | list | None = None,
+        loss_reduction_all_gather: bool = False,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Official training batch in, `CausalLMOutputWithPast` out (a tuple when `return_dict` is False).
 
         `pixel_values` holds the tiles of the whole batch concatenated; `image_flags` (one per tile, 0 = dummy)
         says which tiles' features are used; `loss_weight` (same shape as `labels`, optional) weights each token
-        for the sample / square loss reductions.
+        for the sample / square loss reductions, its denominator averaged over ranks with
+        `loss_reduction_all_gather`. A padded batch has an `attention_mask`; a packed one (data/packing.py) has
+        none, `position_ids` restarting at every sample and, for flash-attention 2, the varlen boundaries
+        `cu_seq_lens_q/k` and `max_length_q/k`, which go to the language model as they are. `statistics` is
+        accepted only because the official packed collator passes it (for its own logs); it is not used.
         """
+        del statistics  # official callers pass it; nothing here reads it
         if isinstance(loss_weight, list):
             loss_weight = torch.tensor(loss_weight, dtype=torch.float32)
         inputs_embeds = self._embed(input_ids, pixel_values, image_flags)
@@ -407,6 +410,8 @@ class InternVLChatModel(PreTrainedModel):
             # a training forward needs no KV cache, and a cache would also switch off transformers' per-sample
             # (packed) attention mask derived from restarting position_ids
             use_cache = False
+        varlen = {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k,
+                  "max_length_q": max_length_q, "max_length_k": max_length_k}
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -416,19 +421,20 @@ class InternVLChatModel(PreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            **kwargs,
+            **{k: v for k, v in varlen.items() if v is not None},
         )
         logits = outputs.logits
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, loss_weight, loss_reduction_all_gather)
-        return CausalLMOutputWithPast(
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output.to_tuple() if return_dict is False else output
 
     # --- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -461,82 +467,7 @@ class InternVLChatModel(PreTrainedModel):
             **generate_kwargs,
         )
 
-    # --- chat API (same signature and semantics as the official one) ------------------------------------------
-    def _template(self):
-        from ..data.templates import get_template
-
-        if self.template is None:
-            raise ValueError("config.template is not set; cannot build a chat prompt")
-        return get_template(self.template)
-
-    def _image_block(self, num_patches: int, start: str, end: str, context: str) -> str:
-        return start + context * (self.num_image_token * num_patches) + end
-
-    def build_prompt(
-        self,
-        question: str,
-        history: list[tuple[str, str]] | None = None,
-        num_patches_list: list[int] | None = None,
-        IMG_START_TOKEN: str = IMG_START_TOKEN,
-        IMG_END_TOKEN: str = IMG_END_TOKEN,
-        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
-    ) -> str:
-        """The exact prompt `chat()` feeds the model: template, history, question, image blocks expanded."""
-        template = self._template()
-        user, assistant = template.roles
-        messages: list[tuple[str, str | None]] = []
-        for old_question, old_answer in history or []:
-            messages += [(user, old_question), (assistant, old_answer)]
-        messages += [(user, question), (assistant, None)]
-        prompt = template.render(messages, system_message=self.system_message)
-        num_patches_list = num_patches_list or []
-        if prompt.count(IMAGE_PLACEHOLDER) < len(num_patches_list):
-            raise ValueError(
-                f"{len(num_patches_list)} images given (num_patches_list={num_patches_list}) but the prompt has only "
-                f"{prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders"
-            )
-        for num_patches in num_patches_list:
-            block = self._image_block(num_patches, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-            prompt = prompt.replace(IMAGE_PLACEHOLDER, block, 1)
-        return prompt
-
-    def _stop_token_id(self, tokenizer) -> int:
-        stop = self._template().stop_str
-        token_id = tokenizer.convert_tokens_to_ids(stop)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no token for the template's stop string {stop!r}")
-        return token_id
-
-    def _generation_kwargs(self, tokenizer, generation_config: dict | GenerationConfig | None) -> dict[str, Any]:
-        if isinstance(generation_config, GenerationConfig):
-            kwargs = {"generation_config": generation_config}
-        else:
-            kwargs = dict(generation_config or {})
-        kwargs["eos_token_id"] = self._stop_token_id(tokenizer)
-        if tokenizer.pad_token_id is not None:
-            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        return kwargs
-
-    def _answer(self, tokenizer, pixel_values, prompts: list[str], generation_config) -> list[str]:
-        """Tokenize the prompts (left-padded as a batch), generate, decode up to the template's stop string."""
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = padding_side
-        device = self.language_model.get_input_embeddings().weight.device
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(device=device, dtype=self.vision_model.dtype)
-        output = self.generate(
-            pixel_values=pixel_values,
-            input_ids=inputs["input_ids"].to(device),
-            attention_mask=inputs["attention_mask"].to(device),
-            **self._generation_kwargs(tokenizer, generation_config),
-        )
-        stop = self._template().stop_str
-        return [text.split(stop)[0].strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
-
+    # --- chat API: the official signatures; prompt building lives in internvl_chat/inference.py ------------------
     def chat(
         self,
         tokenizer,
@@ -553,24 +484,10 @@ class InternVLChatModel(PreTrainedModel):
     ):
         """One chat turn, official semantics: `<image>\\n` is prepended to a first question that lacks it,
         `num_patches_list` splits `pixel_values` into images, history is a list of (question, answer)."""
-        if history is None and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
-            question = IMAGE_PLACEHOLDER + "\n" + question
-        if num_patches_list is None:
-            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        if pixel_values is not None and len(pixel_values) != sum(num_patches_list):
-            raise ValueError(
-                f"pixel_values has {len(pixel_values)} tiles but num_patches_list sums to {sum(num_patches_list)}"
-            )
-        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        prompt = self.build_prompt(
-            question, history, num_patches_list, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN
+        return inference.chat(
+            self, tokenizer, pixel_values, question, generation_config, history, return_history, num_patches_list,
+            img_start=IMG_START_TOKEN, img_end=IMG_END_TOKEN, img_context=IMG_CONTEXT_TOKEN, verbose=verbose,
         )
-        response = self._answer(tokenizer, pixel_values, [prompt], generation_config)[0]
-        history = list(history or []) + [(question, response)]
-        if verbose:
-            shown = prompt.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "")
-            print(shown + response)
-        return (response, history) if return_history else response
 
     def batch_chat(
         self,
@@ -593,26 +510,7 @@ class InternVLChatModel(PreTrainedModel):
         if image_counts is not None:
             warnings.warn("image_counts is deprecated; use num_patches_list", FutureWarning, stacklevel=2)
             num_patches_list = image_counts
-        if pixel_values is not None:
-            if num_patches_list is None or len(num_patches_list) != len(questions):
-                raise ValueError("batch_chat needs one num_patches_list entry per question when pixel_values is given")
-            if len(pixel_values) != sum(num_patches_list):
-                raise ValueError(
-                    f"pixel_values has {len(pixel_values)} tiles but num_patches_list sums to {sum(num_patches_list)}"
-                )
-        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        prompts = []
-        for i, question in enumerate(questions):
-            patches = []
-            if pixel_values is not None:
-                patches = [num_patches_list[i]]
-                if IMAGE_PLACEHOLDER not in question:
-                    question = IMAGE_PLACEHOLDER + "\n" + question
-            prompts.append(
-                self.build_prompt(question, None, patches, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-            )
-        responses = self._answer(tokenizer, pixel_values, prompts, generation_config)
-        if verbose:
-            for question, response in zip(questions, responses):
-                print(f"User: {question}\nAssistant: {response}")
-        return responses
+        return inference.batch_chat(
+            self, tokenizer, pixel_values, questions, generation_config, num_patches_list,
+            img_start=IMG_START_TOKEN, img_end=IMG_END_TOKEN, img_context=IMG_CONTEXT_TOKEN, verbose=verbose,
+        )

@@ -1,0 +1,1 @@
+"""The training steps `finetune.py` calls: arguments, trainability plan, Trainer, checkpoints, evaluation, loss plot."""

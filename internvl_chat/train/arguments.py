@@ -21,7 +21,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "InternVL chat checkpoint to fine-tune"})
     vision_path: str | None = field(default=None, metadata={"help": "not supported: start from a chat checkpoint"})
     llm_path: str | None = field(default=None, metadata={"help": "not supported: start from a chat checkpoint"})
-    mlp_path: str | None = field(default=None, metadata={"help": "mlp1 weights (safetensors) to load into the projector"})
+    mlp_path: str | None = field(default=None,
+                                 metadata={"help": "mlp1 weights (safetensors) to load into the projector"})
     freeze_llm: bool = field(default=False)
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the ViT"})
     freeze_mlp: bool = field(default=False)
@@ -58,30 +59,45 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
-    max_seq_length: int = field(default=8192)
-    force_image_size: int = field(default=448)
-    down_sample_ratio: float = field(default=0.5)
-    pad2square: bool = field(default=False)
-    conv_style: str = field(default="internlm2-chat", metadata={"help": "template name"})
-    meta_path: str | None = field(default=None)
-    use_data_resampling: bool = field(default=False)
-    dynamic_image_size: bool = field(default=False)
-    use_thumbnail: bool = field(default=False)
-    min_dynamic_patch: int = field(default=1)
-    max_dynamic_patch: int = field(default=12)
-    min_num_frame: int = field(default=8)
-    max_num_frame: int = field(default=32)
-    normalize_type: str = field(default="imagenet")
-    use_packed_ds: bool = field(default=False)
-    num_images_expected: int = field(default=40)
-    max_packed_tokens: int = field(default=8192)
-    max_buffer_size: int = field(default=20)
-    log_freq: int = field(default=1000)
-    strict_mode: bool = field(default=True)
-    replacement: bool = field(default=False)
-    allow_overflow: bool = field(default=False)
-    loss_reduction: str = field(default="token", metadata={"help": "token | sample | square"})
-    loss_reduction_all_gather: bool = field(default=False)
+    max_seq_length: int = field(default=8192, metadata={
+        "help": "token limit per sample: longer samples are cut, or skipped (too_long) when the cut would split an "
+                "image or leave no answer token"})
+    force_image_size: int = field(default=448, metadata={
+        "help": "tile size in pixels; the ViT's position embeddings are resized when it differs from its own"})
+    down_sample_ratio: float = field(default=0.5, metadata={
+        "help": "pixel-shuffle ratio of the ViT features (tokens per tile: (size // 14)^2 * ratio^2); must be the "
+                "checkpoint's"})
+    pad2square: bool = field(default=False, metadata={
+        "help": "pad non-tiled images to a square in the mean colour before resizing (no effect on dynamic tiles)"})
+    conv_style: str = field(default="internlm2-chat", metadata={
+        "help": "conversation template: internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat | internvl_zh"})
+    meta_path: str | None = field(default=None, metadata={
+        "help": "meta JSON naming the training datasets (annotation file, image root, repeat_time, ...)"})
+    use_data_resampling: bool = field(default=False, metadata={"help": "accepted for compatibility; has no effect"})
+    dynamic_image_size: bool = field(default=False, metadata={
+        "help": "cut each image into a grid of tiles matching its aspect ratio (else one resized tile)"})
+    use_thumbnail: bool = field(default=False, metadata={
+        "help": "add a whole-image thumbnail tile after the grid when it has more than one tile"})
+    min_dynamic_patch: int = field(default=1, metadata={"help": "fewest tiles per image with dynamic_image_size"})
+    max_dynamic_patch: int = field(default=12, metadata={
+        "help": "most tiles per image (a meta entry's own value wins); a sample's images share it"})
+    min_num_frame: int = field(default=8, metadata={"help": "fewest frames drawn from a video"})
+    max_num_frame: int = field(default=32, metadata={"help": "most frames drawn from a video"})
+    normalize_type: str = field(default="imagenet", metadata={
+        "help": "pixel mean and std: imagenet | clip | siglip (also the pad2square fill colour)"})
+    use_packed_ds: bool = field(default=False, metadata={
+        "help": "pack several samples into each row (planned from the sample lengths) instead of padding"})
+    num_images_expected: int = field(default=40, metadata={"help": "with use_packed_ds: most tiles per packed row"})
+    max_packed_tokens: int = field(default=8192, metadata={"help": "with use_packed_ds: most tokens per packed row"})
+    max_buffer_size: int = field(default=20, metadata={"help": "accepted for compatibility; has no effect"})
+    log_freq: int = field(default=1000, metadata={"help": "accepted for compatibility; has no effect"})
+    strict_mode: bool = field(default=True, metadata={"help": "accepted for compatibility; has no effect"})
+    replacement: bool = field(default=False, metadata={"help": "accepted for compatibility; has no effect"})
+    allow_overflow: bool = field(default=False, metadata={"help": "accepted for compatibility; has no effect"})
+    loss_reduction: str = field(default="token", metadata={
+        "help": "loss weight per supervised token: token (all equal) | sample (1/n per sample) | square (1/sqrt n)"})
+    loss_reduction_all_gather: bool = field(default=False, metadata={
+        "help": "average the loss denominator over ranks, so every rank's gradient has the same scale"})
     bad_data: str = field(default="skip", metadata={"help": "(ours) skip (count and report) | fail"})
     max_bad_fraction: float = field(default=0.01, metadata={
         "help": "(ours) fail the run when a larger fraction of the distinct records seen is bad: checked from the "

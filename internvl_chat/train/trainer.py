@@ -29,6 +29,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from ..data.collator import pop_trainer_keys
 from ..data.errors import BadDataTracker
 from . import checkpoint
 from .plan import component_of
@@ -106,14 +107,14 @@ class InternVLTrainer(Trainer):
 
     # --- loss -----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        skipped = inputs.pop("skipped_samples", None)
-        sample_ids = inputs.pop("sample_ids", None)  # "<file>:<line>" per sample: distinct records are counted
-        num_samples = int(inputs.pop("num_samples", inputs["input_ids"].shape[0]))  # packed rows hold several
+        about = pop_trainer_keys(inputs)  # the batch contract: data/collator.py
         if not model.training:  # an eval batch: neither training data nor training throughput
             outputs = model(**inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
-        self.bad_data.update(num_samples, skipped, sample_ids)
-        if inputs.get("attention_mask") is not None:
+        num_samples = int(about.get("num_samples", inputs["input_ids"].shape[0]))  # packed rows hold several
+        # sample_ids: "<file>:<line>" per sample, so distinct records are counted
+        self.bad_data.update(num_samples, about.get("skipped_samples"), about.get("sample_ids"))
+        if not about.get("packed") and inputs.get("attention_mask") is not None:
             self._window_tokens += int(inputs["attention_mask"].sum())
         else:  # packed rows: every token but the padding tail, which carries no label and no image
             self._window_tokens += int((inputs["input_ids"] != self._pad_id).sum()) if self._pad_id is not None \

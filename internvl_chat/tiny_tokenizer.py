@@ -55,7 +55,7 @@ ALL_SPECIAL_TOKENS = CHAT_SPECIAL_TOKENS + tuple(INTERNVL_SPECIAL_TOKENS) + INTE
 DEFAULT_VOCAB_SIZE = 1400
 TINY_MODEL_MAX_LENGTH = 8192
 
-# The default system messages of the official templates (internvl-official.md 6.3): their characters are
+# The default system messages of the official templates (`conversation.py`): their characters are
 # what Chinese text the tiny models will see most.
 _SYSTEM_MESSAGES = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
