@@ -34,6 +34,17 @@ def pop_trainer_keys(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch.pop(k) for k in TRAINER_KEYS if k in batch}
 
 
+def add_bookkeeping(batch: dict[str, Any], items: list[dict[str, Any]], with_sample_ids: bool) -> dict[str, Any]:
+    """Add the trainer's bad-data keys to a collated batch: the report lines of the samples the dataset skipped
+    (``skipped_samples``) and, when asked, each placed item's ``"file:line"`` (``sample_ids``)."""
+    skipped = [s for item in items for s in item.get("skipped", ())]
+    if skipped:
+        batch["skipped_samples"] = skipped
+    if with_sample_ids:
+        batch["sample_ids"] = [item.get("sample_id") for item in items]
+    return batch
+
+
 def token_weight(num_supervised: int, reduction: str) -> float:
     """Weight of each supervised token of a sample with `num_supervised` supervised tokens (official len2weight)."""
     if num_supervised == 0:
@@ -98,9 +109,4 @@ class DataCollator:
                 n_sup = int(item.get("num_supervised", int((torch.as_tensor(item["labels"]) != IGNORE_INDEX).sum())))
                 weight[row] = token_weight(n_sup, self.loss_reduction)
             out["loss_weight"] = weight * (labels != IGNORE_INDEX)
-        skipped = [s for item in items for s in item.get("skipped", ())]
-        if skipped:
-            out["skipped_samples"] = skipped
-        if self.with_sample_ids:
-            out["sample_ids"] = [item.get("sample_id") for item in items]
-        return out
+        return add_bookkeeping(out, items, self.with_sample_ids)

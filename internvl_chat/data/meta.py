@@ -1,6 +1,6 @@
 """The meta JSON (``--meta_path``): which annotation files to train on, from where, and how often.
 
-A meta file maps a dataset name to an entry (official format, spec section 3.1)::
+A meta file maps a dataset name to an entry (the official format)::
 
     {"my-data": {"root": "images/", "annotation": "train.jsonl", "data_augment": false,
                  "repeat_time": 1, "length": 1234, "max_dynamic_patch": 12, "format": "swift"}}

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..constants import IGNORE_INDEX
-from .collator import token_weight
+from .collator import add_bookkeeping, token_weight
 
 logger = logging.getLogger(__name__)
 
@@ -471,6 +471,20 @@ class PackedCollator:
             _check_budget(self.pad_to_multiple_of, "pad_to_multiple_of")
 
     def __call__(self, packs: list[list[dict[str, Any]] | dict[str, Any]]) -> dict[str, Any]:
+        rows = self._rows(packs)
+        width = max(sum(len(item["input_ids"]) for item in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out, weights, segments, items = self._place(rows, width)
+        out.update(_media(items))
+        if self.loss_reduction != "token":
+            out["loss_weight"] = weights * (out["labels"] != IGNORE_INDEX)
+        if self.flash_attn_kwargs:
+            out.update(_varlen_kwargs(segments))
+        return add_bookkeeping(out, items, self.with_sample_ids)
+
+    def _rows(self, packs: list[list[dict[str, Any]] | dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The batch's packs (a pack or a lone item each) as rows of at most ``max_packed_tokens`` tokens."""
         if not packs:
             raise ValueError("PackedCollator got an empty batch")
         rows: list[list[dict[str, Any]]] = []
@@ -482,18 +496,17 @@ class PackedCollator:
                 if len(item["input_ids"]) == 0:
                     raise ValueError(f"sample {item.get('sample_id', '?')} has no tokens")
             rows += _split_rows(items, self.max_packed_tokens)
+        return rows
 
-        row_lengths = [sum(len(item["input_ids"]) for item in row) for row in rows]
-        width = max(row_lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+    def _place(self, rows: list[list[dict[str, Any]]], width: int):
+        """Lay the samples out side by side: token tensors, per-token loss weights, the segment lengths of the
+        flattened batch (samples and padding pieces, for flash-attention varlen) and the items in order."""
         longest_sample = max(len(item["input_ids"]) for row in rows for item in row)
-
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         weights = torch.zeros((len(rows), width), dtype=torch.float32)
-        segments: list[int] = []  # segment lengths over the flattened batch, for flash-attention varlen
+        segments: list[int] = []
         items_in_order: list[dict[str, Any]] = []
         for r, row in enumerate(rows):
             start = 0
@@ -521,7 +534,6 @@ class PackedCollator:
                 position_ids[r, start:start + n] = torch.arange(n)
                 segments.append(n)
                 start += n
-
         out: dict[str, Any] = {
             "input_ids": input_ids,
             "labels": labels,
@@ -530,27 +542,27 @@ class PackedCollator:
             "packed": True,
             "num_samples": len(items_in_order),  # rows hold several samples: throughput and bad-data accounting
         }
-        try:
-            out["pixel_values"] = torch.cat([torch.as_tensor(item["pixel_values"]) for item in items_in_order])
-            out["image_flags"] = torch.cat(
-                [torch.as_tensor(item["image_flags"]).reshape(-1) for item in items_in_order]
-            )
-        except KeyError as err:
-            raise ValueError(
-                f"every dataset item needs {err.args[0]!r} (text-only samples carry one dummy tile with flag 0)"
-            ) from None
-        if self.loss_reduction != "token":
-            out["loss_weight"] = weights * (labels != IGNORE_INDEX)
-        if self.flash_attn_kwargs:
-            cu_seq_lens = torch.zeros(len(segments) + 1, dtype=torch.int32)
-            cu_seq_lens[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
-            out["cu_seq_lens_q"] = cu_seq_lens
-            out["cu_seq_lens_k"] = cu_seq_lens.clone()
-            out["max_length_q"] = out["max_length_k"] = max(segments)
-        skipped = [s for item in items_in_order for s in item.get("skipped", ())]
-        if skipped:
-            out["skipped_samples"] = skipped
-        if self.with_sample_ids:
-            out["sample_ids"] = [item.get("sample_id") for item in items_in_order]
-        return out
+        return out, weights, segments, items_in_order
+
+
+def _media(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Every sample's tiles and image flags, concatenated in the order the samples were placed."""
+    try:
+        return {
+            "pixel_values": torch.cat([torch.as_tensor(item["pixel_values"]) for item in items]),
+            "image_flags": torch.cat([torch.as_tensor(item["image_flags"]).reshape(-1) for item in items]),
+        }
+    except KeyError as err:
+        raise ValueError(
+            f"every dataset item needs {err.args[0]!r} (text-only samples carry one dummy tile with flag 0)"
+        ) from None
+
+
+def _varlen_kwargs(segments: list[int]) -> dict[str, Any]:
+    """flash-attention varlen boundaries: cumulative segment lengths and the longest segment."""
+    cu_seq_lens = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu_seq_lens[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
+    longest = max(segments)
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens.clone(),
+            "max_length_q": longest, "max_length_k": longest}
 
