@@ -14,17 +14,18 @@
 #   GPUS [1]            processes (torchrun, one per GPU; CPU processes with gloo when there is no GPU).
 #                       GPUS=1 runs one plain python process.
 #   MASTER_PORT [63669] torchrun's port (the official default); MASTER_ADDR [127.0.0.1].
-#   PYTHON [python]     interpreter; torchrun is run as `$PYTHON -m torch.distributed.run`.
+#   PYTHON [.venv]      interpreter (default: the repository's .venv/bin/python, else python on PATH); torchrun
+#                       is run as `$PYTHON -m torch.distributed.run`.
 #
 # Results: results/<model>/<dataset>/predictions.jsonl and metrics.json (or --out-dir); an existing result is
 # never overwritten unless --overwrite is given.
 
 PROG=eval/evaluate.sh
 REPO=$(cd "$(dirname "$0")/.." && pwd) || { echo "$PROG: error: cannot find the repository root from $0" >&2; exit 2; }
-. "$REPO/shell/common.sh"  # die, is_count, check_count, count_visible_gpus
+. "$REPO/shell/common.sh"  # die, is_count, check_count, count_visible_gpus, find_python
 
-PYTHON=${PYTHON:-python}
-command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+PYTHON=$(find_python)  # PYTHON, else the repository's .venv, else python on PATH
+command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON=$PYTHON not found"
 GPUS=${GPUS:-1}
 MASTER_PORT=${MASTER_PORT:-63669}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}

@@ -8,9 +8,10 @@
 #   PARTITION=gpu GPUS=16 sh shell/internvl2.5/2nd_finetune/internvl2_5_38b_dynamic_res_2nd_finetune_full.sh
 #   GPUS=1 BATCH_SIZE=2 sh shell/.../x_lora.sh --max_steps 10 --bf16 False    # extra flags pass through, last wins
 #
-# Environment (defaults in brackets; a per-model script sets the first five to the official values):
-#   GPUS [1]                processes to start. torchrun: per node (total = GPUS x NNODES). srun: in total.
-#                           On a machine without a GPU they are CPU processes (gloo).
+# Environment (defaults in brackets; a per-model script sets BATCH_SIZE, PER_DEVICE_BATCH_SIZE, MODEL and
+# OUTPUT_DIR to the official values, and DEFAULT_GPUS / DEFAULT_DEEPSPEED, used when GPUS / DEEPSPEED are unset):
+#   GPUS [DEFAULT_GPUS, else 1]  processes to start. torchrun: per node (total = GPUS x NNODES). srun: in total.
+#                           torchrun with no GPU visible (or USE_GPU=0) and GPUS unset: 1 CPU process (gloo).
 #   BATCH_SIZE              global batch [PER_DEVICE_BATCH_SIZE x all processes]; must be a multiple of
 #                           PER_DEVICE_BATCH_SIZE x all processes: GRADIENT_ACC = BATCH_SIZE / that.
 #   PER_DEVICE_BATCH_SIZE [1]
@@ -19,7 +20,8 @@
 #                           Runs resume from the newest complete checkpoint there (no --overwrite_output_dir).
 #                           An --output_dir among the extra flags wins, for the log too.
 #   META_PATH [./shell/data/internvl_1_2_finetune_custom.json]   your data (format: shell/data/example_finetune.json).
-#   DEEPSPEED               DeepSpeed config (zero_stage1_config.json, ...); "none" for plain DDP.
+#   DEEPSPEED [DEFAULT_DEEPSPEED, else none]  DeepSpeed config (zero_stage1_config.json, ...); "none" for plain
+#                           DDP. On a CPU run it is none unless set: DeepSpeed first compiles its CPU ops (~3 min).
 #                           META_PATH and DEEPSPEED are read relative to the current directory, else to the
 #                           repository root.
 #   torchrun only:  NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1], MASTER_PORT [34229]. For several nodes
@@ -29,12 +31,12 @@
 #   USE_GPU [auto]          1: GPU run (srun asks for --gres=gpu:GPUS_PER_NODE); 0: CPU only (no --gres;
 #                           torchrun hides the GPUs). auto: srun asks sinfo whether PARTITION has GPUs (and
 #                           assumes it does when sinfo cannot tell); torchrun uses the GPUs it finds.
-#   PYTHON [python]         interpreter; torchrun is run as `$PYTHON -m torch.distributed.run`, so it is the
-#                           one of the active environment.
+#   PYTHON [.venv/bin/python of the repository when it exists, else python]  interpreter; torchrun is run as
+#                           `$PYTHON -m torch.distributed.run`. The start-up line names it.
 
 PROG=shell/launch.sh
 REPO=$(cd "$(dirname "$0")/.." && pwd) || { echo "$PROG: error: cannot find the repository root from $0" >&2; exit 2; }
-. "$REPO/shell/common.sh"  # die, is_count, check_count, count_visible_gpus
+. "$REPO/shell/common.sh"  # die, is_count, check_count, count_visible_gpus, find_python
 
 quote() {  # one argument, quoted for a copy-pasteable command line
     case $1 in
@@ -45,10 +47,15 @@ quote() {  # one argument, quoted for a copy-pasteable command line
 
 set -f  # SRUN_ARGS is split into words on purpose; never glob it
 
-PYTHON=${PYTHON:-python}
-command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+PYTHON=$(find_python)
+command -v "$PYTHON" >/dev/null 2>&1 ||
+    die "PYTHON=$PYTHON not found: set PYTHON to an interpreter with this project installed"
+NOTES=  # one line each about a default chosen for this machine, printed with the start-up line
+note() {
+    NOTES="$NOTES==> $*
+"
+}
 
-GPUS=${GPUS:-1}
 PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-1}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -66,9 +73,43 @@ for arg in "$@"; do  # an --output_dir flag wins over OUTPUT_DIR (the trainer ta
     esac
 done
 [ -n "${MODEL:-}" ] || die "MODEL is not set: point it at the InternVL checkpoint to fine-tune (a local folder)"
-check_count GPUS "$GPUS"
 check_count PER_DEVICE_BATCH_SIZE "$PER_DEVICE_BATCH_SIZE"
 case $USE_GPU in auto | 0 | 1) ;; *) die "USE_GPU must be auto, 1 or 0, got '$USE_GPU'" ;; esac
+
+# ---- GPU or CPU, then how many processes: on CPU without GPUS, one (not the script's 8 GPU processes) ----
+ON_CPU=
+if [ -n "${PARTITION:-}" ]; then
+    if [ "$USE_GPU" = 0 ]; then
+        ON_CPU="USE_GPU=0"
+    elif [ "$USE_GPU" = auto ]; then
+        gres=$(sinfo -h -p "$PARTITION" -o %G 2>/dev/null) || gres=unknown
+        case $gres in
+            *gpu* | unknown | '') USE_GPU=1 ;;
+            *) USE_GPU=0 ON_CPU="partition $PARTITION has no GPU" ;;
+        esac
+    fi
+    GPUS=${GPUS:-${DEFAULT_GPUS:-1}}  # srun: GPUS counts tasks on the cluster, not on this machine
+else
+    if [ "$USE_GPU" = 0 ]; then
+        found=0
+        ON_CPU="USE_GPU=0"
+    else
+        found=$(count_visible_gpus)
+        if [ "${found:-1}" = 0 ]; then
+            [ "$USE_GPU" = 1 ] && die "USE_GPU=1 but no GPU is visible here"
+            ON_CPU="no GPU visible"
+        fi
+    fi
+    if [ -n "${GPUS:-}" ]; then
+        :
+    elif [ -n "$ON_CPU" ]; then
+        GPUS=1
+        note "$ON_CPU: 1 CPU process (set GPUS=N for more)"
+    else
+        GPUS=${DEFAULT_GPUS:-1}
+    fi
+fi
+check_count GPUS "$GPUS"
 
 # ---- how many processes, and the gradient accumulation that keeps the global batch ----
 if [ -n "${PARTITION:-}" ]; then
@@ -104,8 +145,24 @@ if [ $((BATCH_SIZE % PER_STEP)) -ne 0 ]; then
 fi
 GRADIENT_ACC=$((BATCH_SIZE / PER_STEP))
 
+# ---- DeepSpeed: off on CPU unless asked for; its CPU ops compile once, silently, for minutes ----
+if [ -z "${DEEPSPEED:-}" ]; then
+    DEEPSPEED=${DEFAULT_DEEPSPEED:-none}
+    if [ -n "$ON_CPU" ] && [ "$DEEPSPEED" != none ]; then
+        note "$ON_CPU: DeepSpeed off, plain DDP (DEEPSPEED=$DEEPSPEED to use it; on CPU it first compiles ops, ~3 min)"
+        DEEPSPEED=none
+    fi
+elif [ -n "$ON_CPU" ] && [ "$DEEPSPEED" != none ]; then
+    ext_dir=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}
+    built=$(find "$ext_dir" \( -name 'cpu_adam*.so' -o -name 'deepspeed_shm_comm*.so' \) 2>/dev/null | wc -l)
+    if [ "$built" -lt 2 ]; then
+        note "$ON_CPU, DEEPSPEED=$DEEPSPEED: DeepSpeed first compiles its CPU ops, once (about 3 minutes; kept in" \
+            "$ext_dir)"
+    fi
+fi
+
 # ---- files: as given (relative to here, as officially), else relative to the repository root ----
-case ${DEEPSPEED:-none} in
+case $DEEPSPEED in
     none) DEEPSPEED= ;;
     *)
         if [ ! -f "$DEEPSPEED" ]; then
@@ -126,24 +183,14 @@ if [ ! -d "$MODEL" ]; then
     MODEL=$REPO/$MODEL
 fi
 
-# ---- GPU or CPU ----
+# ---- GPUs for the launch ----
 if [ "$LAUNCH" = srun ]; then
-    if [ "$USE_GPU" = auto ]; then
-        gres=$(sinfo -h -p "$PARTITION" -o %G 2>/dev/null) || gres=unknown
-        case $gres in *gpu*) USE_GPU=1 ;; unknown | '') USE_GPU=1 ;; *) USE_GPU=0 ;; esac
-    fi
     GRES=
     [ "$USE_GPU" = 1 ] && GRES=--gres=gpu:$GPUS_PER_NODE
-else
-    if [ "$USE_GPU" = 0 ]; then
-        export CUDA_VISIBLE_DEVICES=
-    else
-        found=$(count_visible_gpus)
-        if [ -n "$found" ] && [ "$found" -gt 0 ] && [ "$GPUS" -gt "$found" ]; then
-            die "GPUS=$GPUS but this node has $found GPU(s). With torchrun GPUS counts the GPUs of one node: use GPUS=$found with NNODES/NODE_RANK/MASTER_ADDR on each node, or PARTITION=<partition> to launch with srun"
-        fi
-        [ "$USE_GPU" = 1 ] && [ "${found:-1}" = 0 ] && die "USE_GPU=1 but no GPU is visible here"
-    fi
+elif [ "$USE_GPU" = 0 ]; then
+    export CUDA_VISIBLE_DEVICES=
+elif [ -n "$found" ] && [ "$found" -gt 0 ] && [ "$GPUS" -gt "$found" ]; then
+    die "GPUS=$GPUS but this node has $found GPU(s). With torchrun GPUS counts the GPUs of one node: use GPUS=$found with NNODES/NODE_RANK/MASTER_ADDR on each node, or PARTITION=<partition> to launch with srun"
 fi
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -202,7 +249,8 @@ fi
 command_line=
 for arg in "$@"; do command_line="$command_line${command_line:+ }$(quote "$arg")"; done
 {
-    echo "==> $(date '+%Y-%m-%d %H:%M:%S') $LAUNCH: $WORLD process(es) x $PER_DEVICE_BATCH_SIZE per device x $GRADIENT_ACC accumulation = global batch $BATCH_SIZE"
+    echo "==> $(date '+%Y-%m-%d %H:%M:%S') $LAUNCH: $WORLD process(es) x $PER_DEVICE_BATCH_SIZE per device x $GRADIENT_ACC accumulation = global batch $BATCH_SIZE; python: $PYTHON"
+    printf '%s' "$NOTES"
     echo "==> $command_line"
 } | tee -a "$LOG_FILE"
 

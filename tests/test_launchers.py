@@ -35,6 +35,7 @@ LAUNCH_VARS = (
     "GPUS", "BATCH_SIZE", "PER_DEVICE_BATCH_SIZE", "MODEL", "META_PATH", "OUTPUT_DIR", "DEEPSPEED", "PARTITION",
     "GPUS_PER_NODE", "CPUS_PER_TASK", "QUOTA_TYPE", "SRUN_ARGS", "NNODES", "NODE_RANK", "MASTER_ADDR",
     "MASTER_PORT", "USE_GPU", "PYTHON", "CUDA_VISIBLE_DEVICES", "SCRIPT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+    "DEFAULT_GPUS", "DEFAULT_DEEPSPEED", "TORCH_EXTENSIONS_DIR",
 )
 
 # The flags every official 2nd-finetune script passes, minus --overwrite_output_dir.
@@ -110,13 +111,19 @@ class Fakes:
     def printer(self, name: str, output: str, rc: int = 0) -> None:
         self.script(name, f"#!/bin/sh\nprintf '%b' '{output}'\nexit {rc}\n")
 
-    def env(self, **overrides: str) -> dict[str, str]:
+    def env(self, **overrides: str | None) -> dict[str, str]:
+        """The fake python (not the repository's .venv) and no GPU unless overridden; None removes a variable."""
         env = clean_environ()
-        env.update(PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}", FAKE_DIR=str(self.records), USE_GPU="0")
+        env.update(PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}", FAKE_DIR=str(self.records), USE_GPU="0",
+                   PYTHON="python")
         env.update(overrides)
-        return env
+        return {k: v for k, v in env.items() if v is not None}
 
-    def run(self, script: str | Path, *args: str, cwd: Path | None = None, **env: str):
+    def gpus(self, count: int) -> None:
+        """A fake nvidia-smi listing `count` GPUs (0: a machine whose driver sees none)."""
+        self.printer("nvidia-smi", "".join(f"GPU {i}: H100 (UUID: {i})\\n" for i in range(count)))
+
+    def run(self, script: str | Path, *args: str, cwd: Path | None = None, **env: str | None):
         for old in self.records.iterdir():
             old.unlink()
         return subprocess.run(
@@ -159,7 +166,7 @@ def flag_dict(args: list[str]) -> dict[str, str]:
 
 def test_generated_launchers_match_the_table():
     expected = make_launchers.expected_files()
-    on_disk = {p.relative_to(REPO).as_posix() for p in SHELL.glob("*/2nd_finetune/*.sh")}
+    on_disk = {p.relative_to(REPO).as_posix() for p in SHELL.rglob("*.sh")} - {"shell/launch.sh", "shell/common.sh"}
     assert on_disk == set(expected), "launchers on disk and the table in tools/make_launchers.py differ"
     for rel, text in expected.items():
         assert (REPO / rel).read_text() == text, f"{rel} is stale: run python tools/make_launchers.py"
@@ -244,12 +251,15 @@ def test_launcher_settings_follow_the_official_rules(path: str):
 
 @pytest.mark.parametrize("path", sorted(BY_PATH))
 def test_every_launcher_command_line(fakes: Fakes, path: str):
-    """Each script, with its own defaults, run from another directory: torchrun options, GRADIENT_ACC, the
-    official common flags, the table's model flags, DeepSpeed resolved against the repository."""
+    """Each script, with its own defaults on a machine with enough GPUs, run from another directory: torchrun
+    options, GRADIENT_ACC, the official common flags, the table's model flags, DeepSpeed resolved against the
+    repository."""
     launcher = BY_PATH[path]
     env = launcher.env
-    result = fakes.run(REPO / path, MASTER_PORT="29999")
+    fakes.gpus(32)
+    result = fakes.run(REPO / path, MASTER_PORT="29999", USE_GPU="auto")
     assert result.returncode == 0, result.stderr
+    assert "CPU" not in result.stdout and "DeepSpeed" not in result.stdout  # no notes on a GPU machine
     options, args = split_torchrun(fakes.argv("python"))
     gpus, batch, per_device = int(env["GPUS"]), int(env["BATCH_SIZE"]), int(env["PER_DEVICE_BATCH_SIZE"])
     assert options == {"nnodes": "1", "node_rank": "0", "master_addr": "127.0.0.1",
@@ -411,6 +421,108 @@ def test_gpu_count_is_checked_for_torchrun(fakes: Fakes):
     assert result.returncode == 2 and "1 GPU" in result.stderr
 
 
+# ---- defaults that depend on the machine: python, CPU processes, DeepSpeed ----
+
+
+def test_repository_venv_python_is_the_default(fakes: Fakes, tmp_path: Path):
+    """PYTHON unset: the .venv next to shell/ is used even when the `python` on PATH is another (failing) one;
+    without a .venv, `python` from PATH; PYTHON set wins. The start-up line names the interpreter."""
+    repo = tmp_path / "repo"
+    (repo / "shell").mkdir(parents=True)
+    for name in ("launch.sh", "common.sh"):
+        shutil.copy(SHELL / name, repo / "shell" / name)
+    (repo / "m").mkdir()
+    meta = repo / "meta.json"
+    meta.write_text("{}")
+    fakes.script("python", "#!/bin/sh\necho 'No module named torch' >&2\nexit 1\n")
+    run = dict(MODEL="m", META_PATH=str(meta), OUTPUT_DIR="o", PYTHON=None)
+    assert fakes.run(repo / "shell" / "launch.sh", cwd=repo, **run).returncode == 1  # no .venv: PATH's python
+
+    venv_python = repo / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(FAKE_RECORDER.format(name="venv_python"))
+    venv_python.chmod(0o755)
+    result = fakes.run(repo / "shell" / "launch.sh", "--max_steps", "1", cwd=repo, **run)
+    assert result.returncode == 0, result.stderr
+    assert f"python: {venv_python}\n" in result.stdout and "fake venv_python ran" in result.stdout
+    options, args = split_torchrun(fakes.argv("venv_python"))
+    assert options["nproc_per_node"] == "1" and flag_dict(args)["--max_steps"] == "1"
+
+    fakes.script("python", FAKE_RECORDER.format(name="python"))
+    result = fakes.run(repo / "shell" / "launch.sh", cwd=repo, **{**run, "PYTHON": "python"})
+    assert result.returncode == 0 and "python: python\n" in result.stdout
+    assert fakes.argv("python") and not fakes.argv("venv_python")
+    result = fakes.run(repo / "shell" / "launch.sh", cwd=repo, **{**run, "PYTHON": "no-such-python"})
+    assert result.returncode == 2 and "PYTHON=no-such-python not found" in result.stderr
+
+
+@pytest.mark.parametrize("hide", ["no GPU visible", "USE_GPU=0"])
+def test_cpu_defaults_one_process_no_deepspeed(fakes: Fakes, hide: str):
+    """A per-model script (8 GPUs, ZeRO-1 by default) on a machine without a GPU: 1 CPU process and no DeepSpeed,
+    each said in one line of the console and the log; the global batch is kept."""
+    fakes.gpus(0)
+    result = fakes.run(REPO / E2E_SCRIPT, OUTPUT_DIR="o", USE_GPU="auto" if hide == "no GPU visible" else "0")
+    assert result.returncode == 0, result.stderr
+    options, args = split_torchrun(fakes.argv("python"))
+    flags = flag_dict(args)
+    assert options["nproc_per_node"] == "1" and "--deepspeed" not in flags
+    assert flags["--gradient_accumulation_steps"] == "32"  # 128 / (4 per device x 1 process)
+    notes = [line for line in result.stdout.splitlines() if line.startswith("==> ") and hide in line]
+    assert notes == [f"==> {hide}: 1 CPU process (set GPUS=N for more)",
+                     f"==> {hide}: DeepSpeed off, plain DDP (DEEPSPEED=zero_stage1_config.json to use it; on CPU it "
+                     "first compiles ops, ~3 min)"]
+    assert all(note in (fakes.root / "o" / "training_log.txt").read_text() for note in notes)
+
+
+def test_cpu_honours_explicit_gpus_and_deepspeed(fakes: Fakes, tmp_path: Path):
+    """GPUS and DEEPSPEED given on CPU are kept; the one-off DeepSpeed op build is announced until it is cached."""
+    fakes.gpus(0)
+    cache = tmp_path / "torch_extensions"
+    run = dict(USE_GPU="auto", GPUS="2", DEEPSPEED="zero_stage1_config.json", TORCH_EXTENSIONS_DIR=str(cache),
+               OUTPUT_DIR="o")
+    result = fakes.run(REPO / E2E_SCRIPT, **run)
+    assert result.returncode == 0, result.stderr
+    options, args = split_torchrun(fakes.argv("python"))
+    assert options["nproc_per_node"] == "2"
+    assert flag_dict(args)["--deepspeed"] == str(REPO / "zero_stage1_config.json")
+    assert "CPU process" not in result.stdout and "DeepSpeed off" not in result.stdout
+    build = [line for line in result.stdout.splitlines() if "compiles its CPU ops" in line]
+    assert len(build) == 1 and "about 3 minutes" in build[0] and str(cache) in build[0]
+    for op in ("cpu_adam/cpu_adam.so", "deepspeed_shm_comm/deepspeed_shm_comm.so"):
+        (cache / "py311_cpu" / op).parent.mkdir(parents=True)
+        (cache / "py311_cpu" / op).write_text("")
+    result = fakes.run(REPO / E2E_SCRIPT, **run)
+    assert result.returncode == 0 and "compiles" not in result.stdout  # already built: nothing to announce
+    result = fakes.run(REPO / E2E_SCRIPT, **{**run, "DEEPSPEED": "none", "GPUS": None})
+    assert "--deepspeed" not in fakes.argv("python") and "DeepSpeed" not in result.stdout  # asked for: no note
+
+
+# ---- the older paths the Mini-InternVL guide quotes ----
+
+
+@pytest.mark.parametrize("alias", sorted(make_launchers.ALIASES))
+def test_guide_alias_runs_its_script(fakes: Fakes, tmp_path: Path, alias: str):
+    """Run from the repository root as the guide does, an alias gives exactly the command and environment of the
+    Mini-InternVL full fine-tune script it stands for, extra flags and variables included."""
+    target = make_launchers.alias_target(alias)
+    assert (REPO / target.path).is_file() and target.mode == "full"
+    assert target.row.title.startswith(("Mini-InternVL-Chat-2B-V1-5", "Mini-InternVL-Chat-4B-V1-5"))
+    assert target.row.name.split("_v1_5_")[1] in alias  # internlm2_1_8b / phi3_3_8b
+    fakes.gpus(8)
+    run = dict(USE_GPU="auto", MODEL=str(tmp_path), OUTPUT_DIR=str(tmp_path / "o"), PER_DEVICE_BATCH_SIZE="2")
+    seen = []
+    for script in (alias, target.path):
+        result = fakes.run(script, "--max_steps", "3", "--learning_rate", "1e-5", cwd=REPO, **run)
+        assert result.returncode == 0, result.stderr
+        env = fakes.recorded_env("python")
+        seen.append((fakes.argv("python"), env["PER_DEVICE_BATCH_SIZE"], env["DEFAULT_GPUS"]))
+    assert seen[0] == seen[1]
+    flags = flag_dict(split_torchrun(seen[0][0])[1])
+    assert (flags["--max_steps"], flags["--learning_rate"], flags["--per_device_train_batch_size"]) == (
+        "3", "1e-5", "2")
+    assert (flags["--freeze_llm"], flags["--freeze_mlp"]) == ("False", "False")
+
+
 # ---- srun ----
 
 
@@ -455,6 +567,9 @@ def test_srun_gpu_or_cpu(fakes: Fakes, sinfo: str | None, use_gpu: str, gres: st
     assert [a for a in srun if a.startswith("--gres")] == ([gres] if gres else [])
     assert srun[srun.index("-p") + 1] == "p" and "--ntasks-per-node=2" in srun and "--nodes=1" in srun
     assert not any(a.startswith("--quotatype") for a in srun)
+    # the script's DeepSpeed config on GPUs; none on a CPU partition (DeepSpeed would first compile CPU ops)
+    assert ("--deepspeed" in fakes.argv("srun")) == (gres is not None)
+    assert ("DeepSpeed off" in result.stdout) == (gres is None)
 
 
 # ---- sbatch template ----
@@ -615,7 +730,8 @@ def test_example_dataset_builds_every_sample(tiny_models):
 # real runs on a tiny model (CPU)
 
 
-def run_real(script: str, model: Path, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def run_real(script: str, model: Path, out: Path, *args: str, **env: str | None) -> subprocess.CompletedProcess:
+    """Run a launcher for real from the repository root; a None in env removes that variable."""
     full_env = clean_environ()
     full_env.update(
         GPUS="1", PER_DEVICE_BATCH_SIZE="1", BATCH_SIZE="2", MODEL=str(model), META_PATH=EXAMPLE_META,
@@ -625,6 +741,7 @@ def run_real(script: str, model: Path, out: Path, *args: str, **env: str) -> sub
     if not deepspeed_available():
         full_env["DEEPSPEED"] = "none"
     full_env.update(env)
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(["sh", script, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
 
 
@@ -655,15 +772,37 @@ def test_end_to_end_launcher_run(tiny_models, tmp_path: Path):
     assert any(not torch.equal(before[k], after[k]) for k in llm), "the LLM trained"
 
 
+@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "python").is_file(), reason="no .venv in the repository")
+def test_new_user_run_on_cpu_real(tiny_models, tmp_path: Path):
+    """The first command a new user types, on a machine without a GPU, no venv active (the `python` on PATH has no
+    torch), no GPUS / DEEPSPEED / PYTHON: the .venv's python, 1 CPU process, no DeepSpeed, each said in one line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text("#!/bin/sh\necho 'No module named torch' >&2\nexit 1\n")
+    (bin_dir / "python").chmod(0o755)
+    out = tmp_path / "out"
+    result = run_real(E2E_SCRIPT, tiny_models("qwen2"), out, "--max_steps", "1", "--bf16", "False",
+                      "--dataloader_num_workers", "0", "--report_to", "none",
+                      GPUS=None, DEEPSPEED=None, PYTHON=None, BATCH_SIZE="4", CUDA_VISIBLE_DEVICES="",
+                      PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (out / "training_log.txt").read_text()
+    assert f"python: {REPO / '.venv' / 'bin' / 'python'}\n" in log and "--nproc_per_node=1 " in log
+    assert "==> no GPU visible: 1 CPU process" in log and "==> no GPU visible: DeepSpeed off" in log
+    assert "--deepspeed" not in log and "'loss'" in log
+
+
 @pytest.mark.slow  # ~12 s each, 34 scripts: about 8 minutes on 2 CPU cores
 @pytest.mark.parametrize("path", sorted(BY_PATH))
 def test_every_launcher_trains_a_step(tiny_models, tmp_path: Path, path: str):
     """Every shipped script runs one real step (GPUS=1 on CPU) on a tiny model of its LLM family."""
     launcher = BY_PATH[path]
     out = tmp_path / "out"
+    # the script's own DeepSpeed config, asked for explicitly (on CPU the launcher leaves DeepSpeed off otherwise)
+    deepspeed = launcher.env["DEEPSPEED"] if deepspeed_available() else "none"
     result = run_real(path, tiny_models(launcher.row.llm), out, "--max_steps", "1", "--save_steps", "1",
                       "--bf16", "False", "--dataloader_num_workers", "0", "--report_to", "none",
-                      BATCH_SIZE="1")
+                      BATCH_SIZE="1", DEEPSPEED=deepspeed)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "'loss'" in (out / "training_log.txt").read_text()
     assert (out / "checkpoint-1").is_dir()
@@ -759,6 +898,7 @@ def test_launcher_files_carry_the_official_settings(stem: str, mode: str):
     conv, gpus_full, gpus_lora, per_device, drop_path, lr, wd, max_len, zero = OFFICIAL_SETTINGS[stem]
     text = (SHELL / f"{stem}_dynamic_res_2nd_finetune_{mode}.sh").read_text()
     env = dict(re.findall(r'^export (\w+)="\$\{\w+:-([^}]*)\}"$', text, flags=re.M))
+    env.update(re.findall(r"^export DEFAULT_(GPUS|DEEPSPEED)=(\S+)$", text, flags=re.M))
     flags = dict(re.findall(r"^\s+(--\w+) (\S+) \\$", text, flags=re.M))
     assert env["GPUS"] == str(gpus_full if mode == "full" else gpus_lora)
     assert env["BATCH_SIZE"] == ("128" if mode == "full" else "16")
