@@ -6,15 +6,19 @@ reductions in every mode, length-grouped sampling, torchrun / Slurm / single pro
 (gloo) when there is no GPU, auto-resume from the newest checkpoint that verifies, output in the official layout,
 held-out loss and generation metrics during training (--eval_meta_path, train/evaluation.py).
 
-    setup -> check eval sets -> load model and data -> apply the trainability plan -> train -> [evaluate] -> save
+    flags, model folder and meta file (a user error: one line, exit code 2) -> setup -> check eval sets ->
+    load model and data -> apply the trainability plan -> train -> [evaluate] -> save
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import logging
 import os
 import sys
+import traceback
 
 import torch
 import transformers
@@ -30,17 +34,122 @@ logger = logging.getLogger("internvl_chat.finetune")
 # pass the official `--evaluation_strategy no` before the user's flags, and `--eval_strategy steps` must override it.
 RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
 
+# (ours) A bare `--debug` shows the traceback of a user error. transformers' own `--debug VALUE` (underflow_overflow,
+# ...) takes a value and is passed on unchanged.
+DEBUG_FLAG = "--debug"
 
-def parse_args(argv: list[str] | None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else list(argv)
+
+class UserError(Exception):
+    """A mistake in the command line or a path: printed as one line by rank 0, exit code 2, no traceback."""
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message: str):  # argparse would print its usage on every rank and exit
+        raise UserError(message)
+
+
+def split_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """`argv` without our bare `--debug`, and whether it was there."""
+    out, debug = [], False
+    for i, arg in enumerate(argv):
+        if arg == DEBUG_FLAG and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            debug = True
+        else:
+            out.append(arg)
+    return out, debug
+
+
+def unknown_flags_message(unknown: list[str], parser: HfArgumentParser) -> str:
+    """One line naming each unknown flag with the nearest known one (ours, transformers', the official aliases)."""
+    known = {s[2:] for action in parser._actions for s in action.option_strings if s.startswith("--")}
+    known = sorted(n for n in known | {f[2:] for f in RENAMED_FLAGS} | {DEBUG_FLAG[2:]} if "-" not in n)
+    parts = []
+    for flag in unknown:  # compared without the dashes, in the official underscore spelling
+        near = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), known, n=1, cutoff=0.6)
+        parts.append(f"{flag} (did you mean --{near[0]}?)" if near else flag)
+    return f"unknown flag{'s' if len(parts) > 1 else ''} {', '.join(parts)}; `--help` lists every flag"
+
+
+def _read_json_args(parser: HfArgumentParser, path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"arguments file {path} cannot be read: {exc}") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"arguments file {path} must hold a JSON object of flag names and values")
+    names = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+    unknown = [f"--{key}" for key in values if key not in names]
+    if unknown:
+        raise UserError(f"{path}: " + unknown_flags_message(unknown, parser))
+    return values
+
+
+def parse_args(argv: list[str] | None, early_check=None):
+    """The three argument groups; a wrong flag or value raises :class:`UserError` (no prefix abbreviations:
+    `--learning_rat` is unknown, not `--learning_rate`).
+
+    ``early_check(values)`` sees the parsed values (a dict) before the argument classes are built: building
+    TrainingArguments starts the process group under torchrun."""
+    parser = _Parser((ModelArguments, DataTrainingArguments, TrainingArguments), allow_abbrev=False,
+                     epilog=f"{DEBUG_FLAG} (ours, without a value): show the traceback of a user error")
+    argv, _ = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]), allow_extra_keys=False)
-    renamed = []
-    for arg in argv:
-        flag, eq, value = arg.partition("=")
-        renamed.append(RENAMED_FLAGS.get(flag, flag) + eq + value)
-    return parser.parse_args_into_dataclasses(args=renamed)
+        values, renamed = _read_json_args(parser, os.path.abspath(argv[0])), None
+    else:
+        renamed = []
+        for arg in argv:
+            flag, eq, value = arg.partition("=")
+            renamed.append(RENAMED_FLAGS.get(flag, flag) + eq + value)
+        namespace, rest = parser.parse_known_args(renamed)  # before the dataclasses run their checks
+        if rest:
+            unknown = [a.partition("=")[0] for a in rest if a.startswith("--")]
+            if not unknown:
+                raise UserError(f"unexpected arguments {' '.join(rest)} (every value follows its --flag)")
+            raise UserError(unknown_flags_message(unknown, parser))
+        values = vars(namespace)
+    if early_check is not None:
+        early_check(values)
+    try:
+        return parser.parse_dict(values) if renamed is None else parser.parse_args_into_dataclasses(args=renamed)
+    except ValueError as exc:  # a value the argument classes refuse (e.g. --warmup_ratio 2)
+        raise UserError(str(exc)) from exc
+
+
+def check_model_dir(path: str | None) -> None:
+    """The checkpoint folder exists and holds a config.json, before anything is loaded."""
+    if not path:
+        raise UserError("--model_name_or_path is required: fine-tuning starts from an InternVL chat checkpoint "
+                        "(--vision_path/--llm_path assembly of a new model is not supported)")
+    if not os.path.isdir(path):
+        raise UserError(f"--model_name_or_path {path}: no such folder (checkpoints are loaded from local folders "
+                        "only; download it first, e.g. `huggingface-cli download <repo> --local-dir <dir>`)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"--model_name_or_path {path}: the folder holds no config.json, so it is not an InternVL "
+                        "chat checkpoint")
+
+
+def early_checks(values: dict) -> None:
+    """User errors in the first seconds, before any process group or model load: the model folder, the meta file."""
+    check_model_dir(values.get("model_name_or_path"))
+    check_meta(values.get("meta_path"))
+
+
+def check_meta(meta_path: str | None) -> None:
+    """Read the meta file and count every annotation file's records (no sample is parsed): a wrong meta file stops
+    the run in seconds with :class:`~internvl_chat.data.meta.MetaError`, before the model loads."""
+    from .data.errors import DataError
+    from .data.meta import load_meta, samples_per_epoch
+    from .data.records import index_annotation
+
+    if not meta_path:
+        raise UserError("--meta_path is required (a meta JSON naming your datasets)")
+    for entry in load_meta(meta_path, log_warnings=False):  # build_dataset logs its unknown keys, once
+        try:
+            num_records = index_annotation(entry.annotation).num_records
+        except (OSError, DataError) as exc:
+            raise UserError(f"{entry.where()}: annotation file {entry.annotation} cannot be read: {exc}") from exc
+        samples_per_epoch(entry, num_records)
 
 
 # Official flags of the IterableDataset packer and the resampler, which the planned packing here does not need.
@@ -343,7 +452,7 @@ def check_bad_data(tracker, output_dir: str) -> None:
 def main(argv: list[str] | None = None) -> str:
     """Run one fine-tuning job; returns the output directory."""
     setup_environment()
-    model_args, data_args, training_args = parse_args(argv)
+    model_args, data_args, training_args = parse_args(argv, early_check=early_checks)
     setup(training_args)
     ignored = ignored_flags(model_args, data_args)
     if ignored:
@@ -407,19 +516,30 @@ def shutdown_process_group() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m internvl_chat.finetune`: the exit code. User errors (flags, meta file, paths) are one line from
+    rank 0 and exit code 2 (every rank hits the same error; `--debug` adds the traceback); a data verdict or a
+    failed save is one line and exit code 1."""
     from .data.errors import TooMuchBadDataError
+    from .data.meta import MetaError
+    from .train.checkpoint import CheckpointSaveError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = split_debug_flag(argv)[1]
     try:
-        main()
-    except TooMuchBadDataError as exc:  # a data verdict, not a crash: the message, no traceback
+        main(argv)
+    except (UserError, MetaError) as exc:
+        if dist_info().is_main:
+            if debug:
+                traceback.print_exc()
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except (TooMuchBadDataError, CheckpointSaveError) as exc:  # a data verdict or a full disk, not a crash
         logger.error("%s", exc)
-        sys.exit(1)
-    except Exception as exc:  # a full disk while saving: one line (train/checkpoint.py), no traceback
-        from .train.checkpoint import CheckpointSaveError
-
-        if not isinstance(exc, CheckpointSaveError):
-            raise
-        logger.error("%s", exc)
-        sys.exit(1)
+        return 1
     shutdown_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -17,7 +17,11 @@ Media are read as training reads them, with the same bounds: an image over ``--m
 over ``--max_video_frames`` / ``--max_video_seconds``, and a media path that is not a regular file
 (FIFO, device, directory, symlink loop) are each a bad line with its kind; nothing can block.
 
-Also lists warnings that do not fail the check: two turns of the same role in a row, image/video
+Without ``--model`` the summary's header says which template and tiling its numbers assume and how to match
+the training run.
+
+Also lists warnings that do not fail the check: two turns of the same role in a row, a conversation that
+opens with a gpt turn or ends on a human turn, a key that looks like a misspelled image/video key, image/video
 paths that resolve outside the dataset root (with ``--confine_paths``, as training with that flag, they
 are bad samples instead), unknown meta keys with the nearest known one.
 
@@ -83,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_data: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        json.dump(report.to_dict(args.policy, args.max_bad_fraction), sys.stdout, indent=2, ensure_ascii=False)
+        json.dump(report.to_dict(args.policy, args.max_bad_fraction, from_model=bool(args.model)), sys.stdout,
+                  indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
-        print(report.format(args.policy, args.max_bad_fraction, max_examples=args.max_examples))
+        print(report.format(args.policy, args.max_bad_fraction, max_examples=args.max_examples,
+                            from_model=bool(args.model)))
     return report.exit_code(args.policy, args.max_bad_fraction)
 
 

@@ -38,7 +38,9 @@ holds: ``min(length, max_seq_length)``; 0 for a bad record) can be written as th
 The annotation and meta files are never modified. The lengths belong to the settings of the check
 (template, tiles, ``max_seq_length``, frames): re-run the check when those change.
 
-Warnings (listed, never a reason to fail): consecutive turns of the same role (``same_role_turns``), image and
+Warnings (listed, never a reason to fail): consecutive turns of the same role (``same_role_turns``), a ``gpt``
+turn first (``assistant_first``) or a ``human`` turn last (``trailing_human_turn``), a key that looks like a
+misspelled ``image``/``video``/``conversations`` (``misspelled_key``), image and
 video paths that resolve outside the dataset ``root`` (``path_outside_root``, with the resolved path; with
 ``confine_paths`` training refuses those, so they are problems instead), and unknown meta keys
 (``unknown_meta_key``, with the nearest known key). The meta file is read by training's
@@ -75,7 +77,7 @@ from internvl_chat.data.meta import DatasetEntry, load_meta, samples_per_epoch
 from internvl_chat.data.paths import resolve_outside_root
 from internvl_chat.data.records import write_lengths_sidecar
 from internvl_chat.data.report import Collector, Problem, RecordResult, Report
-from internvl_chat.data.validation import repeated_roles, sample_type
+from internvl_chat.data.validation import near_miss_keys, repeated_roles, sample_type, turn_order_warnings
 
 __all__ = ["StandInTokenizer", "check_dataset"]
 
@@ -142,11 +144,14 @@ class _ItemChecker:
         return result
 
     def _warnings(self, entry: int, record: dict, file: str, line: int) -> list[Problem]:
-        """What training accepts but is likely a mistake: consecutive turns of one role, and media paths that
-        resolve outside the dataset root (not with ``confine_paths``: then training refuses them, a problem)."""
+        """What training accepts but is likely a mistake: consecutive turns of one role, a conversation that opens
+        with an answer or ends on a question, a misspelled media key, and media paths that resolve outside the
+        dataset root (not with ``confine_paths``: then training refuses them, a problem)."""
         meta = self.entries[entry]
-        found = [Problem("same_role_turns", file, line, message, meta.name)
-                 for message in repeated_roles(record.get("conversations"))]
+        convs = record.get("conversations")
+        found = [Problem("same_role_turns", file, line, message, meta.name) for message in repeated_roles(convs)]
+        found += [Problem(kind, file, line, message, meta.name) for kind, message in turn_order_warnings(convs)]
+        found += [Problem("misspelled_key", file, line, message, meta.name) for _, message in near_miss_keys(record)]
         if self.config.confine_paths:
             return found
         for key, path in _media_paths(record):

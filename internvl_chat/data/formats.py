@@ -62,6 +62,7 @@ official format cannot express, such as a per-message ``"loss": false``).
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -134,7 +135,9 @@ def detect_format(record: Any) -> str:
 
     ``conversations`` with ``from``/``value`` is official (``internvl``) when its roles are exactly
     ``human``/``gpt``/``system`` and it carries none of LLaVA/ShareGPT's extras, else ``llava``; ``conversations``
-    with ``role``/``content`` and ``messages`` are ``messages``; ``query``/``response`` is ``swift``.
+    with ``role``/``content`` and ``messages`` are ``messages``; ``query``/``response`` is ``swift``. A record
+    with none of them is ``unknown_format``, naming the nearest format key; so is a ``conversation`` (ms-swift's
+    old ``human``/``assistant`` pairs) that holds turns, a typo of ``conversations``.
     """
     if not isinstance(record, Mapping):
         raise DataError(f"a record must be a JSON object, got {type(record).__name__}", kind="invalid_record")
@@ -145,15 +148,39 @@ def detect_format(record: Any) -> str:
             if "from" not in first and "role" in first:
                 return "messages"
         return "internvl" if _is_canonical_official(record) else "llava"
-    if "messages" in record or "conversation" in record:
+    if "messages" in record:
+        return "messages"
+    if "conversation" in record:
+        if _turn_list(record["conversation"]):  # turns, not old ms-swift {"human", "assistant"} pairs: a typo
+            raise DataError("record has 'conversation' holding turns: did you mean 'conversations'? (the singular "
+                            "key is ms-swift's old [{\"human\": q, \"assistant\": a}] form)", kind="unknown_format")
         return "messages"
     if "query" in record or "response" in record:
         return "swift"
     raise DataError(
         "record has none of the keys of a known format: 'conversations' (official/LLaVA), "
-        f"'messages' or 'query'/'response' (ms-swift); keys: {sorted(record)[:10]}",
+        f"'messages' or 'query'/'response' (ms-swift); keys: {sorted(record)[:10]}{_did_you_mean(record)}",
         kind="unknown_format",
     )
+
+
+_FORMAT_KEYS = ("conversations", "messages", "query", "response")
+
+
+def _did_you_mean(record: Mapping[str, Any]) -> str:
+    """``"; did you mean 'conversations' (not 'conversatons')?"`` for the key nearest a format key, else ``""``."""
+    for key in record:
+        if isinstance(key, str):
+            close = difflib.get_close_matches(key.lower(), _FORMAT_KEYS, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]!r} (not {key!r})?"
+    return ""
+
+
+def _turn_list(value: Any) -> bool:
+    """Whether ``value`` is a list of official or ms-swift turns (``from``/``role`` objects)."""
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], Mapping)
+            and ("from" in value[0] or "role" in value[0]) and not {"human", "assistant"} <= set(value[0]))
 
 
 def detect_file_format(first_records: Iterable[Any]) -> str:
@@ -350,7 +377,9 @@ def _swift_message_turns(record: Mapping[str, Any]) -> tuple[list[list[str]], li
         pairs = []
         for index, pair in enumerate(messages):
             if not isinstance(pair, Mapping) or not {"human", "assistant"} <= set(pair):
-                raise DataError(f"conversation[{index}] must be {{'human': ..., 'assistant': ...}}", kind="bad_turn")
+                hint = "; did you mean 'conversations'?" if _turn_list(messages) else ""
+                raise DataError(f"conversation[{index}] must be {{'human': ..., 'assistant': ...}}{hint}",
+                                kind="bad_turn")
             pairs += [{"role": "user", "content": pair["human"]}, {"role": "assistant", "content": pair["assistant"]}]
         messages = pairs
     turns: list[list[str]] = []

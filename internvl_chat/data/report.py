@@ -27,6 +27,8 @@ __all__ = ["FATAL_KINDS", "Collector", "DatasetSummary", "Problem", "RecordResul
 FATAL_KINDS = ("unexpected_error", "unusable_file")
 
 _FORMAT_PROBE = 50  # records read to name a file's format
+# Per-type counts, with the records that have no type (unreadable or not convertible), so they add up.
+_TYPE_COLUMNS = (*SAMPLE_TYPES, "invalid")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,11 +184,28 @@ class Report:
 
     # ------------------------------------------------------------ output
 
-    def to_dict(self, policy: str = "fail", max_bad_fraction: float = 0.01) -> dict[str, Any]:
+    def assumptions(self) -> list[str]:
+        """The header lines of a check without a checkpoint: the settings its numbers assume (the flags given,
+        else the training defaults, which may not be the run's) and how to match the training run."""
+        s = self.settings
+        tiling = "on" if s["dynamic_image_size"] else "off"
+        lines = [f"  no --model: the statistics assume template {s['template']}, dynamic tiling {tiling}, "
+                 f"max_dynamic_patch {s['max_dynamic_patch']}, thumbnail {'on' if s['use_thumbnail'] else 'off'} "
+                 "(the flags given, else the defaults)",
+                 "  to match training, pass --model CHECKPOINT or the launcher's flags, e.g. --template X "
+                 "--dynamic_image_size True --use_thumbnail True --max_dynamic_patch N"]
+        own = [f"{d.name} ({d.max_dynamic_patch})" for d in self.datasets if d.max_dynamic_patch]
+        if own:
+            lines.append("  the meta file's max_dynamic_patch is used for: " + ", ".join(own))
+        return lines
+
+    def to_dict(self, policy: str = "fail", max_bad_fraction: float = 0.01,
+                from_model: bool = True) -> dict[str, Any]:
         code = self.exit_code(policy, max_bad_fraction)
         return {
             "meta_path": self.meta_path,
             "settings": self.settings,
+            "assumptions": None if from_model else [line.strip() for line in self.assumptions()],
             "tokenized": self.tokenized,
             "datasets": [asdict(d) for d in self.datasets],
             "records": self.records,
@@ -213,12 +232,16 @@ class Report:
             "ok": code == 0,
         }
 
-    def format(self, policy: str = "fail", max_bad_fraction: float = 0.01, max_examples: int = 10) -> str:
+    def format(self, policy: str = "fail", max_bad_fraction: float = 0.01, max_examples: int = 10,
+               from_model: bool = True) -> str:
         """A plain-text summary: datasets, types, distributions, problems by kind (first ``max_examples``
-        of each), warnings, the sidecars written and the verdict."""
+        of each), warnings, the sidecars written and the verdict. ``from_model=False`` (no checkpoint given)
+        adds what the statistics assume and how to make them match training."""
         out: list[str] = []
         s = self.settings
         out.append(f"check_data: {self.meta_path or '<entries>'}")
+        if not from_model:
+            out += self.assumptions()
         if self.tokenized:
             out.append(f"  template {s['template']}, tokenizer {s.get('tokenizer') or '?'}, "
                        f"{s['num_image_token']} tokens per tile, max_seq_length {s['max_seq_length']}")
@@ -230,13 +253,14 @@ class Report:
         out.append(f"  images: {tiling} of {s['image_size']} px; video: {s['max_num_frame']} frames "
                    f"(the most a sample can draw), sample={s['video_sample']}, backend {s['video_backend']}")
         out.append("")
-        header = ["dataset", "records", "per-epoch", "bad", *SAMPLE_TYPES, "max_patch", "format", "annotation"]
-        rows = [[d.name, d.records, d.samples_per_epoch, d.bad_records, *(d.types.get(t, 0) for t in SAMPLE_TYPES),
+        header = ["dataset", "records", "per-epoch", "bad", *_TYPE_COLUMNS, "max_patch", "format", "annotation"]
+        rows = [[d.name, d.records, d.samples_per_epoch, d.bad_records, *(d.types.get(t, 0) for t in _TYPE_COLUMNS),
                  d.max_dynamic_patch or s["max_dynamic_patch"], d.format, d.annotation] for d in self.datasets]
         out += _table(header, rows)
         out.append("")
-        by_type = ", ".join(f"{t} {self.types.get(t, 0)}" for t in SAMPLE_TYPES)
-        out.append(f"samples by type (records, bad ones included): {by_type}; total {self.records} records, "
+        by_type = ", ".join(f"{t} {self.types.get(t, 0)}" for t in _TYPE_COLUMNS)
+        out.append(f"samples by type (records, bad ones included; invalid: no type, as the record is unreadable or "
+                   f"not convertible): {by_type}; total {self.records} records, "
                    f"{self.samples_per_epoch} samples per epoch")
         out.append("tiles per image/video sample: " + _format_distribution(self.tiles))
         if self.tokenized:
@@ -408,7 +432,7 @@ class Collector:
             visited = np.unique(indices)
             skipped = self.bad[k] & ~self.truncated[k]
             skipped_visited = int(skipped[visited].sum()) if len(visited) else 0
-            types = {t: self.types[k].get(t, 0) for t in (*SAMPLE_TYPES, "invalid")}
+            types = {t: self.types[k].get(t, 0) for t in _TYPE_COLUMNS}
             all_types.update(self.types[k])
             summaries.append(DatasetSummary(
                 name=entry.name, annotation=entry.annotation, format=_file_format(entry),
@@ -426,7 +450,7 @@ class Collector:
             settings=settings,
             tokenized=tokenized,
             datasets=summaries,
-            types={t: all_types.get(t, 0) for t in (*SAMPLE_TYPES, "invalid")},
+            types={t: all_types.get(t, 0) for t in _TYPE_COLUMNS},
             tiles=distribution(self.tiles),
             tokens=distribution(self.tokens) if tokenized else None,
             supervised=distribution(self.supervised) if tokenized else None,

@@ -38,11 +38,13 @@ in a video sample. Placeholders may sit in any human turn (the official dataset 
 before prepending, so the dataset layer must count them over all turns, as we do here).
 
 Consecutive turns of the same role (two human or two gpt turns in a row) are legal, as in the official code;
-:func:`repeated_roles` names them, and ``tools/check_data.py`` lists them as warnings.
+:func:`repeated_roles` names them, and ``tools/check_data.py`` lists them as warnings. So are a conversation
+that opens with a ``gpt`` turn and one that ends on a ``human`` turn (:func:`turn_order_warnings`).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -73,10 +75,12 @@ __all__ = [
     "BoxProblem",
     "Sample",
     "check_boxes",
+    "near_miss_keys",
     "official_role",
     "repeated_roles",
     "sample_of",
     "sample_type",
+    "turn_order_warnings",
     "validate_official",
 ]
 
@@ -130,7 +134,13 @@ def validate_official(record: Any) -> None:
         raise DataError("empty conversation", kind="empty_conversation")
     image_placeholders, video_placeholders = _check_turns(convs)
     images, has_video = _check_media(record)
-    _check_placeholders(len(images), has_video, image_placeholders, video_placeholders)
+    try:
+        _check_placeholders(len(images), has_video, image_placeholders, video_placeholders)
+    except DataError as err:
+        misspelled = near_miss_keys(record)
+        if misspelled and not images and not has_video:
+            raise DataError(f"{err.reason} ({misspelled[0][1]})", kind=err.kind) from None
+        raise
 
 
 def _check_turns(convs: list) -> tuple[int, int]:
@@ -288,6 +298,57 @@ def repeated_roles(conversations: Any) -> list[str]:
             GPT: "two gpt turns in a row (two answers to one question)"}
     return [f"turns {k - 1} and {k} are both {role!r}: {what[role]}"
             for k, role in enumerate(roles) if k and role in what and roles[k - 1] == role]
+
+
+def turn_order_warnings(conversations: Any) -> list[tuple[str, str]]:
+    """``(kind, message)`` for a conversation that opens with an answer or ends on a question.
+
+    Not errors (training builds such samples), but suspicious: ``assistant_first`` -- the first turn after an
+    optional system turn is ``gpt``, so that answer is trained with no question before it;
+    ``trailing_human_turn`` -- the last turn is ``human``, a question that is never answered (nothing of it is
+    trained). Turn numbers are 0-based, as in :func:`validate_official`'s messages.
+    """
+    if not isinstance(conversations, list):
+        return []
+    roles = [turn.get("from") if isinstance(turn, Mapping) else None for turn in conversations]
+    dialogue = [(k, role) for k, role in enumerate(roles) if role != SYSTEM]
+    if not dialogue:
+        return []
+    found = []
+    first, first_role = dialogue[0]
+    if first_role == GPT:
+        found.append(("assistant_first", f"turn {first} (the first after any system turn) is 'gpt': that answer is "
+                                         "trained with no question before it"))
+    last, last_role = dialogue[-1]
+    if last_role == HUMAN:
+        found.append(("trailing_human_turn", f"turn {last}, the last one, is 'human': a question with no answer "
+                                             "(never trained; drop it or add the answer)"))
+    return found
+
+
+# Keys an official (or LLaVA) record may carry; a key near ``image``/``video``/``conversations`` and not one of
+# these is likely a typo that silently drops the media.
+_RECORD_KEYS = frozenset({"conversations", "image", "video", "clip", "width", "height", "width_list", "height_list",
+                          "length", "id", "system", "images", "videos", "objects"})
+_MEDIA_KEYS = {"image": ("image", "img"), "video": ("video", "vid"), "conversations": ("conversation",)}
+
+
+def near_miss_keys(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(key, message)`` for each unknown key that looks like ``image``, ``video`` or ``conversations``
+    (``imgae``, ``image_path``, ``video_file``) while the record lacks that key: the official code ignores it,
+    so its media is never read. (``image_id`` beside an ``image`` is not a typo and is not named.)"""
+    found = []
+    missing = [name for name in _MEDIA_KEYS if name not in record]
+    for key in record:
+        if not isinstance(key, str) or key in _RECORD_KEYS:
+            continue
+        lowered = key.lower()
+        close = [name for name in missing if lowered.startswith(_MEDIA_KEYS[name])]
+        close = close or difflib.get_close_matches(lowered, missing, n=1, cutoff=0.75)
+        if close:
+            found.append((key, f"unknown key {key!r}: did you mean {close[0]!r}? (the key is ignored, so "
+                               f"its value is never read)"))
+    return found
 
 
 def _official_images(image: Any) -> list[str]:
