@@ -39,7 +39,8 @@ demo: venv
 	MODEL=$(DEMO_DIR)/model META_PATH=$(DEMO_DIR)/data/meta.json OUTPUT_DIR=$(DEMO_DIR)/run \
 	  sh shell/internvl2.5/2nd_finetune/internvl2_5_1b_dynamic_res_2nd_finetune_full.sh \
 	  --max_steps $(DEMO_STEPS) --learning_rate $(DEMO_LR) --warmup_ratio 0.05 --max_dynamic_patch 2 --bf16 False \
-	  --grad_checkpoint False --save_steps 100 --dataloader_num_workers 1 --disable_tqdm True \
+	  --grad_checkpoint False --ddp_find_unused_parameters False --save_steps 100 --dataloader_num_workers 1 \
+	  --disable_tqdm True \
 	  --eval_meta_path $(DEMO_DIR)/data/eval_meta.json --eval_strategy steps --eval_steps $(DEMO_EVAL_STEPS) \
 	  --eval_max_samples 16 --eval_max_new_tokens 30
 	$(PY) tools/plot_loss.py $(DEMO_DIR)/run

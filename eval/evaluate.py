@@ -276,6 +276,9 @@ def write_results(out_dir: str, lines: list[dict], summary: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from internvl_chat.console import install
+
+    install()  # third-party warnings: internvl_chat/console.py
     args = build_parser().parse_args(argv)
     try:  # nothing here imports torch: a mistake is reported in a second
         model_path = check_model(args.model)

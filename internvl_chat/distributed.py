@@ -81,3 +81,11 @@ def setup_environment(environ: dict | None = None) -> DistInfo:
         env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
         env.setdefault("MASTER_PORT", "29500")
     return info
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -3,11 +3,13 @@
 Accepts the official `internvl_chat_finetune.py` arguments unchanged (or one JSON file holding them).
 Features: every trainability mode (frozen parts, LoRA on ViT and/or LLM, partial ViT), token / sample / square loss
 reductions in every mode, length-grouped sampling, torchrun / Slurm / single process, DeepSpeed ZeRO-1/2/3, CPU
-(gloo) when there is no GPU, auto-resume from the newest checkpoint that verifies, output in the official layout,
-held-out loss and generation metrics during training (--eval_meta_path, train/evaluation.py).
+(gloo) when there is no GPU, resume from the newest checkpoint that verifies when the settings are the run's own
+(train/run_folder.py), output in the official layout, held-out loss and generation metrics during training
+(--eval_meta_path, train/evaluation.py).
 
-    flags, model folder and meta file (a user error: one line, exit code 2) -> setup -> check eval sets ->
-    load model and data -> apply the trainability plan -> train -> [evaluate] -> save
+    flags, model folder, meta file, a structural pass over every record, the output folder's run (a user error:
+    one line, exit code 2; a complete run: exit 0) -> setup -> check eval sets -> load model and data -> apply the
+    trainability plan -> train -> [evaluate] -> save -> mark the run complete
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ import os
 import sys
 import traceback
 
+if __name__ == "__main__":  # before the imports below, which print third-party warnings (console.py)
+    from .console import install as _quiet_console
+    _quiet_console()
+
 import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
-from .distributed import dist_info, setup_environment
+from .distributed import barrier, dist_info, setup_environment
 from .train.arguments import DataTrainingArguments, ModelArguments, TrainingArguments
 
 logger = logging.getLogger("internvl_chat.finetune")
@@ -85,35 +91,62 @@ def _read_json_args(parser: HfArgumentParser, path: str) -> dict:
     return values
 
 
-def parse_args(argv: list[str] | None, early_check=None):
-    """The three argument groups; a wrong flag or value raises :class:`UserError` (no prefix abbreviations:
-    `--learning_rat` is unknown, not `--learning_rate`).
+# (ours) The launcher's first pass, in one process before torchrun: the early checks and the run-folder decision
+# (moving an old run aside), then exit: 0 = start training, 3 = the run is complete, 2 = a user error.
+PREFLIGHT_FLAG = "--preflight"
+PREFLIGHT_COMPLETE = 3
+# Set by the launcher for the training processes after its preflight: the data pass ran already.
+PREFLIGHT_ENV = "INTERNVL_CHAT_PREFLIGHT_DONE"
 
-    ``early_check(values)`` sees the parsed values (a dict) before the argument classes are built: building
-    TrainingArguments starts the process group under torchrun."""
+
+@dataclasses.dataclass
+class Flags:
+    """The parsed command line: ``values`` (a dict by flag name) for the early checks, :meth:`build` for the three
+    argument classes (building TrainingArguments starts the process group under torchrun)."""
+
+    parser: HfArgumentParser
+    values: dict
+    argv: list[str] | None  # None: the values came from a JSON arguments file
+
+    def build(self):
+        try:
+            if self.argv is None:
+                return self.parser.parse_dict(self.values)
+            return self.parser.parse_args_into_dataclasses(args=self.argv)
+        except ValueError as exc:  # a value the argument classes refuse (e.g. --warmup_ratio 2)
+            raise UserError(str(exc)) from exc
+
+
+def read_flags(argv: list[str] | None) -> Flags:
+    """Parse the command line (or one JSON file of flags); a wrong flag raises :class:`UserError` (no prefix
+    abbreviations: `--learning_rat` is unknown, not `--learning_rate`)."""
     parser = _Parser((ModelArguments, DataTrainingArguments, TrainingArguments), allow_abbrev=False,
                      epilog=f"{DEBUG_FLAG} (ours, without a value): show the traceback of a user error")
     argv, _ = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
+    argv = [a for a in argv if a != PREFLIGHT_FLAG]
     if len(argv) == 1 and argv[0].endswith(".json"):
-        values, renamed = _read_json_args(parser, os.path.abspath(argv[0])), None
-    else:
-        renamed = []
-        for arg in argv:
-            flag, eq, value = arg.partition("=")
-            renamed.append(RENAMED_FLAGS.get(flag, flag) + eq + value)
-        namespace, rest = parser.parse_known_args(renamed)  # before the dataclasses run their checks
-        if rest:
-            unknown = [a.partition("=")[0] for a in rest if a.startswith("--")]
-            if not unknown:
-                raise UserError(f"unexpected arguments {' '.join(rest)} (every value follows its --flag)")
-            raise UserError(unknown_flags_message(unknown, parser))
-        values = vars(namespace)
+        given = _read_json_args(parser, os.path.abspath(argv[0]))
+        defaults = vars(parser.parse_known_args([])[0])  # the same values as the command line would give
+        return Flags(parser, {**defaults, **given}, None)
+    renamed = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        renamed.append(RENAMED_FLAGS.get(flag, flag) + eq + value)
+    namespace, rest = parser.parse_known_args(renamed)  # before the dataclasses run their checks
+    if rest:
+        unknown = [a.partition("=")[0] for a in rest if a.startswith("--")]
+        if not unknown:
+            raise UserError(f"unexpected arguments {' '.join(rest)} (every value follows its --flag)")
+        raise UserError(unknown_flags_message(unknown, parser))
+    return Flags(parser, vars(namespace), renamed)
+
+
+def parse_args(argv: list[str] | None, early_check=None):
+    """The three argument groups; ``early_check(values)`` sees the parsed values (a dict) before they are built."""
+    flags = read_flags(argv)
     if early_check is not None:
-        early_check(values)
-    try:
-        return parser.parse_dict(values) if renamed is None else parser.parse_args_into_dataclasses(args=renamed)
-    except ValueError as exc:  # a value the argument classes refuse (e.g. --warmup_ratio 2)
-        raise UserError(str(exc)) from exc
+        early_check(flags.values)
+    return flags.build()
 
 
 def check_model_dir(path: str | None) -> None:
@@ -129,27 +162,87 @@ def check_model_dir(path: str | None) -> None:
                         "chat checkpoint")
 
 
-def early_checks(values: dict) -> None:
-    """User errors in the first seconds, before any process group or model load: the model folder, the meta file."""
+@dataclasses.dataclass
+class Early:
+    """What the early checks read, kept for the run: the meta entries with their indexed annotation files (read
+    once), the run's resolved settings and what to do with the output folder."""
+
+    output_dir: str
+    entries: list
+    annotations: list
+    settings: dict
+    decision: object  # train.run_folder.Decision
+    data_summary: str | None = None  # the structural pass's one line (None: skipped, the launcher's preflight ran)
+
+
+def early_checks(values: dict, prescan: bool = True) -> Early:
+    """User errors in the first seconds, before any process group or model load: the model folder, the meta file,
+    a structural pass over every record (``prescan``), the output folder's run (train/run_folder.py)."""
+    from .data.prescan import prescan_for_training
+    from .train.run_folder import RunFolderError, decide, in_use_message, lock_holder, resolve_settings
+
     check_model_dir(values.get("model_name_or_path"))
-    check_meta(values.get("meta_path"))
+    entries, annotations = check_meta(values.get("meta_path"))
+    data_summary = prescan_for_training(values, entries, annotations) if prescan else None
+    settings = resolve_settings(values, dist_info().world_size, entries, annotations)
+    check_output_dir(output_dir_of(values), values["model_name_or_path"])
+    holder = lock_holder(output_dir_of(values))
+    if holder:
+        raise UserError(in_use_message(output_dir_of(values), holder))
+    try:
+        decision = decide(output_dir_of(values), settings, overwrite=bool(values.get("overwrite_output_dir")),
+                          resume_from_checkpoint=values.get("resume_from_checkpoint"),
+                          auto_resume=bool(values.get("auto_resume", True)),
+                          allow_pickle=bool(values.get("allow_pickle")))
+    except (RunFolderError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    if decision.action == "start_over":
+        check_move_aside(output_dir_of(values), [values["model_name_or_path"], values["meta_path"],
+                                                 *(e.annotation for e in entries)])
+    return Early(output_dir_of(values), entries, annotations, settings, decision, data_summary)
 
 
-def check_meta(meta_path: str | None) -> None:
-    """Read the meta file and count every annotation file's records (no sample is parsed): a wrong meta file stops
-    the run in seconds with :class:`~internvl_chat.data.meta.MetaError`, before the model loads."""
+def check_output_dir(output_dir: str, model: str) -> None:
+    """The output folder is a folder (or will be) and not the model folder: the final model is written there."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    if os.path.realpath(model) == os.path.realpath(output_dir):
+        raise UserError(f"--output_dir {output_dir} is the model folder (--model_name_or_path): the run would write "
+                        "its model over it; choose another output folder (OUTPUT_DIR=... or --output_dir ...)")
+
+
+def check_move_aside(output_dir: str, inputs: list[str]) -> None:
+    """--overwrite_output_dir moves the old run's folder aside: refused when it holds the model or the data."""
+    out = os.path.realpath(output_dir)
+    for path in inputs:
+        if os.path.realpath(path).startswith(out + os.sep):
+            raise UserError(f"--overwrite_output_dir would move {output_dir} aside, and it holds {path}, an input of "
+                            "this run; choose another output folder (OUTPUT_DIR=... or --output_dir ...)")
+
+
+def output_dir_of(values: dict) -> str:
+    return values.get("output_dir") or "trainer_output"  # transformers' default
+
+
+def check_meta(meta_path: str | None) -> tuple[list, list]:
+    """Read the meta file and index every annotation file once (no sample is parsed): a wrong meta file stops
+    the run in seconds with :class:`~internvl_chat.data.meta.MetaError`, before the model loads. Returns the
+    entries and their :class:`~internvl_chat.data.records.Annotation` indexes, which the dataset reuses."""
     from .data.errors import DataError
     from .data.meta import load_meta, samples_per_epoch
     from .data.records import index_annotation
 
     if not meta_path:
         raise UserError("--meta_path is required (a meta JSON naming your datasets)")
-    for entry in load_meta(meta_path, log_warnings=False):  # build_dataset logs its unknown keys, once
+    entries = load_meta(meta_path, log_warnings=False)  # build_dataset logs its unknown keys, once
+    annotations = []
+    for entry in entries:
         try:
-            num_records = index_annotation(entry.annotation).num_records
+            annotations.append(index_annotation(entry.annotation))
         except (OSError, DataError) as exc:
             raise UserError(f"{entry.where()}: annotation file {entry.annotation} cannot be read: {exc}") from exc
-        samples_per_epoch(entry, num_records)
+        samples_per_epoch(entry, annotations[-1].num_records)
+    return entries, annotations
 
 
 # Official flags of the IterableDataset packer and the resampler, which the planned packing here does not need.
@@ -217,6 +310,12 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
             f"--down_sample_ratio {data_args.down_sample_ratio} differs from the checkpoint's downsample_ratio "
             f"{cfg.downsample_ratio}; the projector only works with the ratio it was trained for"
         )
+    if getattr(cfg, "template", None) and cfg.template != data_args.conv_style:
+        # legitimate when moving a model to another template on purpose; a forgotten --conv_style otherwise (the
+        # default is internlm2-chat, as officially), which trains every sample in the wrong format
+        logger.warning("--conv_style %s differs from the checkpoint's template %s: the model is trained (and saved) "
+                       "with %s; pass --conv_style %s to keep its own", data_args.conv_style, cfg.template,
+                       data_args.conv_style, cfg.template)
     # the saved config.json reflects the run, as the official script does
     cfg.template = data_args.conv_style
     cfg.select_layer = model_args.vision_select_layer
@@ -322,14 +421,16 @@ def data_config(data_args: DataTrainingArguments, training_args: TrainingArgumen
                                 seed=training_args.data_seed or training_args.seed)
 
 
-def build_data(data_args: DataTrainingArguments, training_args: TrainingArguments, model, tokenizer):
+def build_data(data_args: DataTrainingArguments, training_args: TrainingArguments, model, tokenizer,
+               read: tuple[list, list] | None = None):
+    """The training set and its collator; ``read``: the meta entries and annotation indexes of the early checks."""
     from .data.collator import DataCollator
     from .data.dataset import build_dataset
 
     if not data_args.meta_path:
         raise ValueError("--meta_path is required (a meta JSON naming your datasets)")
     config = data_config(data_args, training_args, model)
-    dataset = build_dataset(data_args.meta_path, tokenizer, config)
+    dataset = build_dataset(data_args.meta_path, tokenizer, config, read=read)
     if not data_args.use_packed_ds:
         return dataset, DataCollator(pad_token_id=tokenizer.pad_token_id, loss_reduction=data_args.loss_reduction,
                                      with_sample_ids=True)
@@ -449,28 +550,89 @@ def check_bad_data(tracker, output_dir: str) -> None:
                                   "failed: it skipped more bad data than --max_bad_fraction allows)") from None
 
 
+class RunComplete(Exception):
+    """The output folder holds this run, finished: nothing to do (``exit_code`` 0, or 1 if it failed)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def preflight(argv: list[str]) -> int:
+    """The launcher's first pass (``--preflight``, one process, before torchrun): the early checks, then the run
+    folder made ready (an old run moved aside under --overwrite_output_dir). 0: train; 3: the run is complete."""
+    setup_environment()
+    logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stdout)
+    early = early_checks(read_flags(argv).values)
+    if early.decision.action == "complete":
+        raise RunComplete(early.decision.message, early.decision.exit_code)
+    prepare_output_dir(early)
+    return 0
+
+
+def prepare_output_dir(early: Early) -> None:
+    """Say what the early checks found, and act on the output folder's decision: the old run moved aside (rank 0)
+    for --overwrite_output_dir, else the decision said (resuming from ..., or nothing for a new run)."""
+    from .train.run_folder import move_aside
+
+    if early.data_summary:
+        logger.info("%s", early.data_summary)
+    decision = early.decision
+    if decision.action != "start_over":
+        if decision.message:
+            logger.info("%s", decision.message)
+        return
+    if dist_info().is_main:
+        try:
+            logger.info("%s: moved it to %s", decision.message, move_aside(early.output_dir))
+        except OSError as exc:
+            raise UserError(f"--overwrite_output_dir: {early.output_dir} cannot be moved aside ({exc}); move or "
+                            "delete it yourself, or choose another output folder") from exc
+
+
 def main(argv: list[str] | None = None) -> str:
     """Run one fine-tuning job; returns the output directory."""
     setup_environment()
-    model_args, data_args, training_args = parse_args(argv, early_check=early_checks)
+    flags = read_flags(argv)
+    early = early_checks(flags.values, prescan=os.environ.get(PREFLIGHT_ENV) != "1")
+    if early.decision.action == "complete":  # before the process group: every rank stops alike, nothing written
+        raise RunComplete(early.decision.message, early.decision.exit_code)
+    model_args, data_args, training_args = flags.build()
     setup(training_args)
     ignored = ignored_flags(model_args, data_args)
     if ignored:
         logger.warning("accepted for compatibility, no effect here (packing is planned, not streamed): %s",
                        ", ".join(ignored))
-    from .data.errors import BadDataTracker
-    from .train.evaluation import build_evaluator, check_eval_args, load_eval_specs
-    from .train.checkpoint import resolve_resume
-    from .train.trainer import InternVLTrainer
+    from .train.evaluation import check_eval_args
+    from .train.run_folder import RunFolderError, RunLock
 
     check_eval_args(data_args, training_args)
-    # before loading anything: the newest checkpoint that verifies (skipped ones are logged), or a clear error
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                            training_args.auto_resume, allow_pickle=model_args.allow_pickle)
+    prepare_output_dir(early)
+    barrier()  # the old run is aside before any rank writes
+    try:
+        lock = RunLock(training_args.output_dir) if dist_info().is_main else None
+    except RunFolderError as exc:  # a second launch that passed the early check at the same moment
+        raise UserError(str(exc)) from None
+    try:
+        return train(early, model_args, data_args, training_args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(early: Early, model_args: ModelArguments, data_args: DataTrainingArguments,
+          training_args: TrainingArguments) -> str:
+    """Load, train, save and mark the run complete (the output folder is ready and held)."""
+    from .data.errors import BadDataTracker, TooMuchBadDataError
+    from .train.evaluation import build_evaluator, load_eval_specs
+    from .train.run_folder import write_settings
+    from .train.trainer import InternVLTrainer
+
+    resume = early.decision.resume
     eval_specs = load_eval_specs(data_args.eval_meta_path, data_args.eval_max_samples) \
         if data_args.eval_meta_path else None
     model, tokenizer = load_model_and_tokenizer(model_args, data_args, training_args)
-    dataset, collator = build_data(data_args, training_args, model, tokenizer)
+    dataset, collator = build_data(data_args, training_args, model, tokenizer, read=(early.entries, early.annotations))
     evaluator = build_evaluator(eval_specs, tokenizer, data_config(data_args, training_args, model), data_args) \
         if eval_specs else None
     plan = apply_trainability(model, model_args)
@@ -489,21 +651,52 @@ def main(argv: list[str] | None = None) -> str:
         base_model_dir=model_args.model_name_or_path,
         bad_data=BadDataTracker(data_args.max_bad_fraction),
         loss_reduction_all_gather=data_args.loss_reduction_all_gather,
+        run_settings=early.settings,
     )
     result = trainer.train(resume_from_checkpoint=resume)
+    trained = result.global_step - resumed_step(resume)
     if training_args.do_final_eval and trainer.last_eval_step != trainer.state.global_step:
         metrics = trainer.evaluate()  # --do_eval: once more on the final weights, unless the last step just did
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     trainer.save_dtype = run_dtype  # the final weights in the run's precision; checkpoints keep fp32 masters
     trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    if trained > 0:
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+    else:  # killed after its last checkpoint: the metrics of a run that trained nothing would read train_loss 0
+        logger.info("nothing left to train: %s is at the final step %d; the final model is written", resume,
+                    result.global_step)
     trainer.save_state()
-    check_bad_data(trainer.bad_data, training_args.output_dir)
+    failed = None
+    try:
+        check_bad_data(trainer.bad_data, training_args.output_dir)
+    except TooMuchBadDataError as exc:
+        failed = str(exc).splitlines()[0]
+        raise
+    finally:
+        if trainer.is_world_process_zero():  # the run is complete: a re-run says so and touches nothing
+            write_settings(training_args.output_dir, early.settings, complete=True,
+                           global_step=trainer.state.global_step, failed=failed)
     if trainer.is_world_process_zero():
         logger.info("checkpoint written to %s", training_args.output_dir)
     return training_args.output_dir
+
+
+def resumed_step(resume: str | None) -> int:
+    """The step of the checkpoint a run resumes from (0 for a new run)."""
+    from .train.checkpoint import CHECKPOINT_RE
+
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume))) if resume else None
+    if match:
+        return int(match.group(1))
+    if resume:  # a folder named otherwise: its trainer state says
+        try:
+            with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as handle:
+                return int(json.load(handle).get("global_step", 0))
+        except (OSError, ValueError, TypeError):
+            return 0
+    return 0
 
 
 def shutdown_process_group() -> None:
@@ -524,11 +717,19 @@ def cli(argv: list[str] | None = None) -> int:
     from .data.meta import MetaError
     from .train.checkpoint import CheckpointSaveError
 
+    from .data.prescan import PrescanError
+
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = split_debug_flag(argv)[1]
     try:
+        if PREFLIGHT_FLAG in argv:
+            return preflight(argv)
         main(argv)
-    except (UserError, MetaError) as exc:
+    except RunComplete as done:
+        if dist_info().is_main:
+            print(str(done), flush=True)
+        return PREFLIGHT_COMPLETE if PREFLIGHT_FLAG in argv and done.exit_code == 0 else done.exit_code
+    except (UserError, MetaError, PrescanError) as exc:
         if dist_info().is_main:
             if debug:
                 traceback.print_exc()

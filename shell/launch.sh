@@ -17,7 +17,8 @@
 #   PER_DEVICE_BATCH_SIZE [1]
 #   MODEL                   checkpoint to fine-tune (a local folder; this script downloads nothing).
 #   OUTPUT_DIR [work_dirs/finetune]  created if needed; the log is appended to OUTPUT_DIR/training_log.txt.
-#                           Runs resume from the newest complete checkpoint there (no --overwrite_output_dir).
+#                           A run there with the same settings is resumed (or said complete); one with other
+#                           settings is refused before anything starts (README: the run-folder contract).
 #                           An --output_dir among the extra flags wins, for the log too.
 #   META_PATH [./shell/data/internvl_1_2_finetune_custom.json]   your data (format: shell/data/example_finetune.json).
 #   DEEPSPEED [DEFAULT_DEEPSPEED, else none]  DeepSpeed config (zero_stage1_config.json, ...); "none" for plain
@@ -196,9 +197,11 @@ fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export MASTER_PORT
 export TF_CPP_MIN_LOG_LEVEL=3
+if [ "$LAUNCH" = torchrun ] && [ "$GPUS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+    export OMP_NUM_THREADS=1  # what torchrun sets for several processes anyway, without its 4-line banner
+fi
 export PYTHONUNBUFFERED="${PYTHONUNBUFFERED:-1}"  # the log is a pipe to tee: show lines as they come
 
-mkdir -p "$OUTPUT_DIR" || die "cannot create OUTPUT_DIR=$OUTPUT_DIR"
 if [ "$LAUNCH" = torchrun ] && [ "$NODE_RANK" -ne 0 ]; then
     LOG_FILE=$OUTPUT_DIR/training_log_node$NODE_RANK.txt  # nodes sharing a file system do not interleave
 else
@@ -206,7 +209,8 @@ else
 fi
 
 # ---- the command: launcher, the official flags every 2nd-finetune script passes, then "$@" (last wins) ----
-# Not passed on purpose: --overwrite_output_dir True (the official scripts turn resuming off with it).
+# Not passed on purpose: --overwrite_output_dir True (the official scripts turn resuming off with it; here it starts
+# over after moving the old run aside).
 set -- \
     --model_name_or_path "$MODEL" \
     --output_dir "$OUTPUT_DIR" \
@@ -235,6 +239,28 @@ set -- \
     --report_to tensorboard \
     ${DEEPSPEED:+--deepspeed "$DEEPSPEED"} \
     "$@"
+
+# ---- preflight, one process, before anything is written: flags, model folder, meta file, a structural pass over
+# every record, and the run-folder contract (resume / refuse changed settings / a complete run / start over after
+# moving the old run aside). Exit 3: the run in OUTPUT_DIR is complete, nothing to do. ----
+preflight_out=$(mktemp "${TMPDIR:-/tmp}/internvl_preflight.XXXXXX") || die "mktemp failed"
+preflight_err=$preflight_out.err
+if [ "$LAUNCH" = srun ]; then first_rank=0; else first_rank=$((NODE_RANK * GPUS)); fi
+RANK=$first_rank WORLD_SIZE=$WORLD "$PYTHON" -m internvl_chat.finetune --preflight "$@" >"$preflight_out" \
+    2>"$preflight_err"
+rc=$?
+cat "$preflight_out"
+cat "$preflight_err" >&2
+cat "$preflight_err" >>"$preflight_out"  # for the log
+rm -f "$preflight_err"
+if [ "$rc" -ne 0 ]; then
+    rm -f "$preflight_out"
+    [ "$rc" -eq 3 ] && exit 0
+    exit "$rc"
+fi
+mkdir -p "$OUTPUT_DIR" || die "cannot create OUTPUT_DIR=$OUTPUT_DIR"
+export INTERNVL_CHAT_PREFLIGHT_DONE=1  # the training processes skip the data pass the preflight made
+
 if [ "$LAUNCH" = srun ]; then
     # shellcheck disable=SC2086  # GRES and SRUN_ARGS are word lists
     set -- srun -p "$PARTITION" $GRES --nodes="$NODES" --ntasks="$GPUS" --ntasks-per-node="$GPUS_PER_NODE" \
@@ -253,10 +279,12 @@ for arg in "$@"; do command_line="$command_line${command_line:+ }$(quote "$arg")
     printf '%s' "$NOTES"
     echo "==> $command_line"
 } | tee -a "$LOG_FILE"
+cat "$preflight_out" >>"$LOG_FILE"  # shown above already
+rm -f "$preflight_out"
 
 # POSIX sh has no pipefail: keep the trainer's exit status in a file, not tee's.
 status_file=$(mktemp "${TMPDIR:-/tmp}/internvl_launch.XXXXXX") || die "mktemp failed"
-{ "$@" 2>&1 && echo 0 >"$status_file" || echo $? >"$status_file"; } | tee -a "$LOG_FILE"
+{ "$@" 2>&1 && echo 0 >"$status_file" || echo $? >"$status_file"; } | console_and_log "$LOG_FILE"  # common.sh
 rc=$(cat "$status_file")
 rm -f "$status_file"
 [ "$rc" = 0 ] || echo "shell/launch.sh: training exited with status $rc (log: $LOG_FILE)" >&2

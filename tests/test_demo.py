@@ -113,6 +113,9 @@ def test_make_demo_shows_fine_tuning_helped(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "fine-tuning helped" in proc.stdout
+    from test_console import unexplained_warnings  # tests/ is on sys.path under pytest
+
+    assert unexplained_warnings(proc.stdout + proc.stderr) == []  # every third-party warning: internvl_chat/console.py
     before = json.loads((demo_dir / "eval_before/metrics.json").read_text())
     after = json.loads((demo_dir / "eval_after/metrics.json").read_text())
     accuracy = {name: next(r["score"] for r in m["results"] if r["metric"] == "vqa_acc")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from internvl_chat.demo_data import make_demo_dataset
-from internvl_chat.finetune import main
+from internvl_chat.finetune import UserError, main
 from internvl_chat.model import InternVLChatModel
 from internvl_chat.tiny_model import make_tiny_model
 
@@ -135,7 +135,11 @@ def test_resume_reproduces_uninterrupted_run(workdir):
     common = ["--freeze_backbone", "True", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1"]
     main(base_args(root / "qwen2", meta, resumed, *common, "--max_steps", "2"))
     assert (resumed / "checkpoint-2" / "internvl_chat_complete.json").exists()
-    main(base_args(root / "qwen2", meta, resumed, *common, "--max_steps", "4"))  # auto-resumes from checkpoint-2
+    # a longer run than the finished one: other settings, so the folder refuses to auto-resume; resume on purpose
+    with pytest.raises(UserError, match=r"max_steps: 2 -> 4"):
+        main(base_args(root / "qwen2", meta, resumed, *common, "--max_steps", "4"))
+    main(base_args(root / "qwen2", meta, resumed, *common, "--max_steps", "4",
+                   "--resume_from_checkpoint", str(resumed / "checkpoint-2")))
     state = json.loads((resumed / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert_same_weights(straight, resumed)
@@ -310,7 +314,8 @@ def test_resume_in_a_later_epoch_with_length_grouping(workdir):
     resume_at = per_epoch + 1  # a checkpoint inside the second epoch
     resumed = root / "epochs_resumed"
     main(base_args(root / "qwen2", small, resumed, *common[:-1], str(resume_at)))
-    main(base_args(root / "qwen2", small, resumed, *common))
+    main(base_args(root / "qwen2", small, resumed, *common,
+                   "--resume_from_checkpoint", str(resumed / f"checkpoint-{resume_at}")))
     assert_same_weights(straight, resumed)
 
 

@@ -416,15 +416,25 @@ def test_finetune_finishes_skips_and_counts_then_the_end_check(tiny_model, tmp_p
 
 
 def test_finetune_stops_early_on_a_mostly_bad_set(tiny_model, tmp_path):
-    """22 bad lines of 60 under the default --max_bad_fraction 0.01: exit code 1 after the first batches, with
-    the counts in one clear message, no traceback, no weights."""
+    """22 bad lines of 60 under the default --max_bad_fraction 0.01, bad in what only decoding finds (corrupt and
+    truncated image files), so the structural pre-scan lets the run start: exit code 1 after the first batches,
+    with the counts in one clear message, no traceback, no weights. (Structurally bad lines stop it before
+    training: tests/test_prescan.py.)"""
+    import io
     import subprocess
     import sys
 
-    lines = [line({"conversations": []}) if k % 3 == 1 else GOOD for k in range(60)]
-    lines[3] = lines[6] = b"{oops"
+    def image_line(name: str) -> bytes:
+        return line({"image": name, "conversations": turns("<image>\nWhat is it?", "A box.")})
+
+    lines = [image_line("corrupt.png") if k % 3 == 1 else GOOD for k in range(60)]
+    lines[3] = lines[6] = image_line("truncated.png")
     assert sum(raw != GOOD for raw in lines) == 22
     meta = write_corpus(tmp_path / "data", lines)
+    (tmp_path / "data" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 20)
+    whole = io.BytesIO()
+    Image.effect_noise((64, 48), 64).convert("RGB").save(whole, "PNG")
+    (tmp_path / "data" / "truncated.png").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     out = tmp_path / "out"
     args = run_args(tiny_model, meta, out, "--per_device_train_batch_size", "2")
     done = subprocess.run([sys.executable, "-m", "internvl_chat.finetune", *args], capture_output=True, text=True,
@@ -434,4 +444,5 @@ def test_finetune_stops_early_on_a_mostly_bad_set(tiny_model, tmp_path):
     assert re.search(r"ERROR internvl_chat.finetune: [4-9] of the \d+ records seen so far are bad", output), \
         output[-3000:]
     assert "max_bad_fraction=0.01" in output and "Traceback" not in output
+    assert "corrupt_image" in output  # found while training, by decoding
     assert not (out / "model.safetensors").exists()

@@ -81,7 +81,15 @@ def deepspeed_available() -> bool:
 # fake python / srun / sinfo / scontrol / nvidia-smi
 
 FAKE_RECORDER = """#!/bin/sh
-# records its argv (NUL-separated) and environment, then exits with FAKE_EXIT
+# records its argv (NUL-separated) and environment, then exits with FAKE_EXIT; the launcher's preflight call
+# (`-m internvl_chat.finetune --preflight ...`) is recorded as {name}.preflight and exits with FAKE_PREFLIGHT_EXIT
+case " $* " in
+    *" --preflight "*)
+        printf '%s\\0' "$@" > "$FAKE_DIR/{name}.preflight.argv"
+        env -0 > "$FAKE_DIR/{name}.preflight.env"
+        echo "fake {name} preflight"
+        exit "${{FAKE_PREFLIGHT_EXIT:-0}}" ;;
+esac
 printf '%s\\0' "$@" > "$FAKE_DIR/{name}.argv"
 env -0 > "$FAKE_DIR/{name}.env"
 echo "fake {name} ran"
@@ -910,3 +918,33 @@ def test_launcher_files_carry_the_official_settings(stem: str, mode: str):
     assert (flags["--freeze_backbone"], flags["--freeze_llm"], flags["--freeze_mlp"]) == (
         ("True", "False", "False") if mode == "full" else ("True", "True", "True"))
     assert flags.get("--use_llm_lora") == (None if mode == "full" else "16")
+
+
+def test_preflight_runs_first_with_the_same_flags(fakes: Fakes, tmp_path: Path):
+    """One process checks flags, data and the output folder before torchrun starts; its rank and world size are
+    the job's (the global batch is part of the run's settings)."""
+    out = tmp_path / "o"
+    result = fakes.run(REPO / E2E_SCRIPT, "--max_steps", "2", GPUS="2", PER_DEVICE_BATCH_SIZE="1", BATCH_SIZE="4",
+                       OUTPUT_DIR=str(out))
+    assert result.returncode == 0, result.stderr
+    pre = (fakes.records / "python.preflight.argv").read_bytes().decode().split("\0")[:-1]
+    assert pre[:3] == ["-m", "internvl_chat.finetune", "--preflight"]
+    assert pre[3:] == split_torchrun(fakes.argv("python"))[1]
+    pre_env = dict(i.split("=", 1) for i in (fakes.records / "python.preflight.env").read_bytes().decode()
+                   .split("\0") if "=" in i)
+    assert (pre_env["RANK"], pre_env["WORLD_SIZE"]) == ("0", "2")
+    assert fakes.recorded_env("python")["INTERNVL_CHAT_PREFLIGHT_DONE"] == "1"
+    log = (out / "training_log.txt").read_text()
+    assert log.startswith("==> ") and log.index("fake python preflight") < log.index("fake python ran")
+
+
+@pytest.mark.parametrize("code, expected", [(3, 0), (2, 2)])
+def test_preflight_verdicts_start_nothing_and_write_nothing(fakes: Fakes, tmp_path: Path, code: int, expected: int):
+    """3: the run in OUTPUT_DIR is complete (exit 0); 2: a user error. Neither starts torchrun or creates a file."""
+    out = tmp_path / "o"
+    result = fakes.run(REPO / E2E_SCRIPT, GPUS="1", BATCH_SIZE="4", OUTPUT_DIR=str(out),
+                       FAKE_PREFLIGHT_EXIT=str(code))
+    assert result.returncode == expected, result.stderr
+    assert "fake python preflight" in result.stdout
+    assert fakes.argv("python") is None  # torchrun never ran
+    assert not out.exists()

@@ -157,7 +157,9 @@ def test_resume_with_eval_reproduces_run_without_eval(workdir, run_without_eval)
     common = [*RANDOM_TRAINING, "--eval_meta_path", str(eval_meta), "--eval_max_samples", "2", *EVAL,
               "--save_strategy", "steps", "--save_steps", "2"]
     main(base_args(root / "qwen2", meta, out, *common, "--max_steps", "2"))
-    main(base_args(root / "qwen2", meta, out, *common, "--max_steps", "3"))  # auto-resumes from checkpoint-2
+    # longer than the finished run: other settings, so resumed on purpose
+    main(base_args(root / "qwen2", meta, out, *common, "--max_steps", "3",
+                   "--resume_from_checkpoint", str(out / "checkpoint-2")))
     assert [e["step"] for e in eval_entries(out)] == [1, 2, 3]
     assert_identical(run_without_eval, read_weights(out))
 

@@ -8,6 +8,7 @@ Deterministic for a --seed. Used by the tests, the demo and the benchmarks: no w
 
 import argparse
 
+from internvl_chat.console import install as install_console
 from internvl_chat.tiny_model import LLM_PRESETS, VIT_STYLES, make_tiny_model
 
 
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-size", default=None, help="e.g. 200KB to write a sharded checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     args = parser.parse_args(argv)
+    install_console()  # third-party warnings: internvl_chat/console.py
     out = make_tiny_model(
         args.out_dir, llm=args.llm, vit=args.vit, template=args.template, seed=args.seed, dtype=args.dtype,
         overwrite=args.overwrite, max_shard_size=args.max_shard_size, select_layer=args.select_layer,

@@ -159,6 +159,9 @@ def interact(session, out=sys.stdout) -> int:
 
 
 def main(argv=None) -> int:
+    from ..console import install
+
+    install()  # third-party warnings: internvl_chat/console.py
     args = build_parser().parse_args(argv)
     try:
         if args.num_segments < 1:

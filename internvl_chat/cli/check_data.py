@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from internvl_chat.console import install
+
+    install()  # third-party warnings: internvl_chat/console.py
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers < 1:

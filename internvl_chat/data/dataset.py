@@ -135,8 +135,8 @@ class _Source:
         return self.annotation.iter_raw()
 
 
-def _index_source(entry: DatasetEntry, seed: int) -> _Source:
-    source = _Source(entry, index_annotation(entry.annotation))
+def _index_source(entry: DatasetEntry, seed: int, annotation: Annotation | None = None) -> _Source:
+    source = _Source(entry, annotation if annotation is not None else index_annotation(entry.annotation))
     samples_per_epoch(entry, source.num_records)  # MetaError for an empty file or an absurd repeat_time
     source.indices = expand_indices(source.num_records, entry.repeat_time, (seed, entry.name))
     return source
@@ -144,6 +144,21 @@ def _index_source(entry: DatasetEntry, seed: int) -> _Source:
 
 # --------------------------------------------------------------------------------------------
 # Record helpers
+
+
+def header_size_fn(entry: DatasetEntry, config: DataConfig):
+    """``path -> (width, height)`` from the image header, for ms-swift boxes given in pixels."""
+
+    def size(rel: str) -> tuple[int, int]:
+        # The checks of _load_image (regular file, pixel limit), so a FIFO cannot hang the start-up scan.
+        path = join_media_path(entry.root, rel, config.confine_paths)
+        try:
+            return image_size(path, exif_transpose=config.exif_transpose, max_image_pixels=config.max_image_pixels,
+                              allow_truncated=config.allow_truncated_images)
+        except ImageLoadError as exc:
+            raise DataError(str(exc), kind=exc.kind) from exc
+
+    return size
 
 
 # Datasets repeat a few image sizes many times: plan each once while estimating lengths.
@@ -179,14 +194,17 @@ def _as_record_error(exc: Exception, what: str, file: str, line: int) -> Excepti
 class SupervisedDataset(torch.utils.data.Dataset):
     """The datasets of a meta file, concatenated; ``dataset[i]`` is one model-ready item (module docstring)."""
 
-    def __init__(self, entries: Sequence[DatasetEntry], tokenizer: Any, config: DataConfig) -> None:
+    def __init__(self, entries: Sequence[DatasetEntry], tokenizer: Any, config: DataConfig,
+                 annotations: Sequence[Annotation] | None = None) -> None:
+        """``annotations``: the entries' files indexed already (training's early checks read each once)."""
         if not entries:
             raise ValueError("SupervisedDataset needs at least one dataset entry")
         self.tokenizer = tokenizer
         self.config = config
         self.entries = list(entries)
         self.template = get_template(config.template)
-        self.sources = [_index_source(entry, config.seed) for entry in self.entries]
+        indexed = list(annotations) if annotations is not None else [None] * len(self.entries)
+        self.sources = [_index_source(entry, config.seed, ann) for entry, ann in zip(self.entries, indexed)]
         sizes = np.array([len(s.indices) for s in self.sources], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         # Shared memory: set_epoch reaches dataloader workers that are already running.
@@ -293,19 +311,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return record
 
     def _size_fn(self, entry: DatasetEntry):
-        """``path -> (width, height)`` from the image header, for ms-swift boxes given in pixels."""
-
-        def size(rel: str) -> tuple[int, int]:
-            # The checks of _load_image (regular file, pixel limit), so a FIFO cannot hang the start-up scan.
-            cfg = self.config
-            path = join_media_path(entry.root, rel, cfg.confine_paths)
-            try:
-                return image_size(path, exif_transpose=cfg.exif_transpose, max_image_pixels=cfg.max_image_pixels,
-                                  allow_truncated=cfg.allow_truncated_images)
-            except ImageLoadError as exc:
-                raise DataError(str(exc), kind=exc.kind) from exc
-
-        return size
+        return header_size_fn(entry, self.config)
 
     def _single_token_id(self, token: str) -> int | None:
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
@@ -592,9 +598,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return {name: counts.get(name, 0) for name in names}
 
 
-def build_dataset(meta_path: str | os.PathLike, tokenizer: Any, config: DataConfig) -> SupervisedDataset:
-    """Load the meta file and build the concatenated dataset; raises if it holds no sample at all."""
-    dataset = SupervisedDataset(load_meta(meta_path), tokenizer, config)
+def build_dataset(meta_path: str | os.PathLike, tokenizer: Any, config: DataConfig,
+                  read: tuple[Sequence[DatasetEntry], Sequence[Annotation]] | None = None) -> SupervisedDataset:
+    """Load the meta file and build the concatenated dataset; raises if it holds no sample at all.
+
+    ``read``: the meta file's entries and indexed annotation files when the caller has read them already (they
+    are not read again; the entries' warnings are logged here)."""
+    if read is None:
+        dataset = SupervisedDataset(load_meta(meta_path), tokenizer, config)
+    else:
+        for warning in (w for entry in read[0] for w in entry.warnings):
+            logger.warning("%s", warning)
+        dataset = SupervisedDataset(read[0], tokenizer, config, annotations=read[1])
     if len(dataset) == 0:
         raise ValueError(f"meta file {meta_path} yields no samples (empty annotation files or tiny repeat_time)")
     for source in dataset.sources:

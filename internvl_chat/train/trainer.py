@@ -6,7 +6,8 @@
 - optional learning rates per component (ViT / MLP / LLM);
 - bad samples the dataset skipped are counted and reported (data.errors.BadDataTracker: distinct records, from the
   collator's `sample_ids` and `skipped_samples`), with a hard stop above a bad fraction;
-- checkpoints in the official layout (+ the base checkpoint's `*.py`, so `trust_remote_code` loading works), written
+- checkpoints in the official layout (+ the base checkpoint's `*.py`, so `trust_remote_code` loading works, and the
+  run's settings, train/run_folder.py), written
   into a staging folder, synced, marked with every file's size and checksum, then renamed into place; rotation keeps
   the newest good one; a full disk is one line naming the folder and the space needed (train/checkpoint.py);
 - tokens/s, samples/s and peak memory in every log line;
@@ -29,6 +30,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from ..console import number_step_lines
 from ..data.collator import pop_trainer_keys
 from ..data.errors import BadDataTracker
 from . import checkpoint
@@ -80,7 +82,7 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
 class InternVLTrainer(Trainer):
     def __init__(self, *args, component_lrs: dict[str, float] | None = None, base_model_dir: str | None = None,
                  bad_data: BadDataTracker | None = None, loss_reduction_all_gather: bool = False,
-                 evaluator=None, **kwargs) -> None:
+                 evaluator=None, run_settings: dict | None = None, **kwargs) -> None:
         model = kwargs.get("model")
         # QLoRA: the adapters live inside the language model (official layout), which transformers' "is a purely
         # quantized model being trained?" check cannot see; vouch for them during that check only
@@ -97,12 +99,14 @@ class InternVLTrainer(Trainer):
         self.bad_data = bad_data or BadDataTracker()
         self.loss_reduction_all_gather = loss_reduction_all_gather
         self.evaluator = evaluator  # train.evaluation.TrainingEvaluator, or None
+        self.run_settings = run_settings  # stored in every checkpoint (train/run_folder.py)
         self.last_eval_step: int | None = None
         self._eval_depth = 0
         self._pad_id = getattr(self.processing_class, "pad_token_id", None)
         self._window_tokens = 0
         self._window_samples = 0
         self.add_callback(_EpochToDataset(self))
+        number_step_lines(self)  # "step 12/400 {...}" on the console (console.py)
         self._window_start = time.perf_counter()
 
     # --- loss -----------------------------------------------------------------------------------------------
@@ -321,6 +325,10 @@ class InternVLTrainer(Trainer):
             # the Trainer recorded the staged path as the best checkpoint: record where it will live
             self.state.best_model_checkpoint = os.path.join(os.path.dirname(final), os.path.basename(best))
             self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        if self.run_settings is not None:  # before the marker, so the marker covers it
+            from .run_folder import write_settings
+
+            write_settings(staged, self.run_settings, global_step=self.state.global_step)
         checkpoint.write_marker(staged, self.state.global_step)
         checkpoint.publish(staged, final)
         shutil.rmtree(staging, ignore_errors=True)
