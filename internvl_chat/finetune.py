@@ -149,17 +149,48 @@ def parse_args(argv: list[str] | None, early_check=None):
     return flags.build()
 
 
-def check_model_dir(path: str | None) -> None:
-    """The checkpoint folder exists and holds a config.json, before anything is loaded."""
+def check_model_dir(values: dict) -> None:
+    """The model to start from is there before anything is loaded: a chat checkpoint folder holding a config.json,
+    or the parts of a new model (--vision_path + --llm_path, optional --mlp_path; model/parts.py)."""
+    path = values.get("model_name_or_path")
     if not path:
-        raise UserError("--model_name_or_path is required: fine-tuning starts from an InternVL chat checkpoint "
-                        "(--vision_path/--llm_path assembly of a new model is not supported)")
+        from .model.parts import PartsError, check_parts
+
+        if values.get("use_qlora"):
+            raise UserError("--use_qlora needs --model_name_or_path: tools/merge_lora.py rebuilds a QLoRA run from "
+                            "the chat checkpoint it started from; build the model from parts in a first run")
+        if not (values.get("vision_path") or values.get("llm_path")):
+            raise UserError("--model_name_or_path is required: fine-tuning starts from an InternVL chat checkpoint, "
+                            "or from parts (--vision_path InternViT folder + --llm_path LLM folder)")
+        try:
+            check_parts(values.get("vision_path"), values.get("llm_path"), values.get("mlp_path"),
+                        values.get("down_sample_ratio") or 0.5, bool(values.get("allow_pickle")))
+        except PartsError as exc:
+            raise UserError(str(exc)) from None
+        return
     if not os.path.isdir(path):
         raise UserError(f"--model_name_or_path {path}: no such folder (checkpoints are loaded from local folders "
                         "only; download it first, e.g. `huggingface-cli download <repo> --local-dir <dir>`)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"--model_name_or_path {path}: the folder holds no config.json, so it is not an InternVL "
                         "chat checkpoint")
+    if values.get("mlp_path"):
+        from .model.parts import PartsError, check_projector_file
+
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+                config = json.load(handle)
+            check_projector_file(values["mlp_path"], config["vision_config"], config["llm_config"],
+                                 config.get("downsample_ratio", 0.5), bool(values.get("allow_pickle")))
+        except (PartsError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(str(exc) if isinstance(exc, PartsError) else f"--mlp_path: {exc!r}") from None
+
+
+def model_inputs(values: dict) -> list[str]:
+    """What the model is read from: the chat checkpoint, or the parts of a new one."""
+    if values.get("model_name_or_path"):
+        return [values["model_name_or_path"]]
+    return [p for p in (values.get("vision_path"), values.get("llm_path"), values.get("mlp_path")) if p]
 
 
 @dataclasses.dataclass
@@ -173,19 +204,24 @@ class Early:
     settings: dict
     decision: object  # train.run_folder.Decision
     data_summary: str | None = None  # the structural pass's one line (None: skipped, the launcher's preflight ran)
+    eval_specs: list | None = None  # the held-out sets (--eval_meta_path), read and checked
 
 
 def early_checks(values: dict, prescan: bool = True) -> Early:
     """User errors in the first seconds, before any process group or model load: the model folder, the meta file,
-    a structural pass over every record (``prescan``), the output folder's run (train/run_folder.py)."""
+    a structural pass over every record (``prescan``), the held-out sets, the output folder's run
+    (train/run_folder.py)."""
     from .data.prescan import prescan_for_training
+    from .train.evaluation import load_eval_specs
     from .train.run_folder import RunFolderError, decide, in_use_message, lock_holder, resolve_settings
 
-    check_model_dir(values.get("model_name_or_path"))
+    check_model_dir(values)
     entries, annotations = check_meta(values.get("meta_path"))
     data_summary = prescan_for_training(values, entries, annotations) if prescan else None
+    eval_specs = load_eval_specs(values["eval_meta_path"], values.get("eval_max_samples", 64)) \
+        if values.get("eval_meta_path") else None
     settings = resolve_settings(values, dist_info().world_size, entries, annotations)
-    check_output_dir(output_dir_of(values), values["model_name_or_path"])
+    check_output_dir(output_dir_of(values), model_inputs(values))
     holder = lock_holder(output_dir_of(values))
     if holder:
         raise UserError(in_use_message(output_dir_of(values), holder))
@@ -197,18 +233,19 @@ def early_checks(values: dict, prescan: bool = True) -> Early:
     except (RunFolderError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     if decision.action == "start_over":
-        check_move_aside(output_dir_of(values), [values["model_name_or_path"], values["meta_path"],
+        check_move_aside(output_dir_of(values), [*model_inputs(values), values["meta_path"],
                                                  *(e.annotation for e in entries)])
-    return Early(output_dir_of(values), entries, annotations, settings, decision, data_summary)
+    return Early(output_dir_of(values), entries, annotations, settings, decision, data_summary, eval_specs)
 
 
-def check_output_dir(output_dir: str, model: str) -> None:
-    """The output folder is a folder (or will be) and not the model folder: the final model is written there."""
+def check_output_dir(output_dir: str, models: list[str]) -> None:
+    """The output folder is a folder (or will be) and not a model folder: the final model is written there."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir} is a file, not a folder")
-    if os.path.realpath(model) == os.path.realpath(output_dir):
-        raise UserError(f"--output_dir {output_dir} is the model folder (--model_name_or_path): the run would write "
-                        "its model over it; choose another output folder (OUTPUT_DIR=... or --output_dir ...)")
+    for model in models:
+        if os.path.realpath(model) == os.path.realpath(output_dir):
+            raise UserError(f"--output_dir {output_dir} is the model folder {model}: the run would write its model "
+                            "over it; choose another output folder (OUTPUT_DIR=... or --output_dir ...)")
 
 
 def check_move_aside(output_dir: str, inputs: list[str]) -> None:
@@ -285,21 +322,24 @@ def setup(training_args: TrainingArguments) -> None:
 def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments,
                              training_args: TrainingArguments):
     from .model import InternVLChatModel, load_tokenizer
+    from .model.parts import build_from_parts, load_projector, resize_embeddings, resize_position_embedding
 
-    if not model_args.model_name_or_path:
-        raise ValueError(
-            "--model_name_or_path is required: fine-tuning starts from an InternVL chat checkpoint "
-            "(--vision_path/--llm_path assembly of a new model is not supported)"
-        )
     path = model_args.model_name_or_path
-    tokenizer = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code,
-                               model_max_length=data_args.max_seq_length)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    load_kwargs = {}
-    if model_args.use_qlora:
-        load_kwargs = qlora_load_kwargs(model_args, dtype, training_args)
-    model = InternVLChatModel.from_pretrained(path, torch_dtype=dtype, allow_pickle=model_args.allow_pickle,
-                                              **load_kwargs)
+    if not path:  # a new model from parts, as the official pretraining stage starts (checked by check_model_dir)
+        tokenizer = load_tokenizer(model_args.llm_path, trust_remote_code=model_args.trust_remote_code,
+                                   model_max_length=data_args.max_seq_length)
+        model = build_from_parts(model_args.vision_path, model_args.llm_path, dtype=dtype,
+                                 allow_pickle=model_args.allow_pickle, template=data_args.conv_style,
+                                 downsample_ratio=data_args.down_sample_ratio, seed=training_args.seed)
+    else:
+        if model_args.vision_path or model_args.llm_path:
+            logger.warning("--model_name_or_path is given: --vision_path/--llm_path are ignored, as officially")
+        tokenizer = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code,
+                                   model_max_length=data_args.max_seq_length)
+        load_kwargs = qlora_load_kwargs(model_args, dtype, training_args) if model_args.use_qlora else {}
+        model = InternVLChatModel.from_pretrained(path, torch_dtype=dtype, allow_pickle=model_args.allow_pickle,
+                                                  **load_kwargs)
     if model_args.use_qlora:
         patch_bnb_for_cpu_training(model)
         model.config.qlora_base_model = os.path.abspath(path)  # tools/merge_lora.py merges into full precision
@@ -338,15 +378,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
     # compare with the config, not the weight: under ZeRO-3 a partitioned weight has shape [0]
     if len(tokenizer) > model.config.llm_config.vocab_size:
         resize_embeddings(model, len(tokenizer))
-    if model_args.mlp_path:
-        from safetensors.torch import load_file
-
-        from .model.weight_files import CorruptWeightsError, safetensors_problem
-
-        problem = safetensors_problem(model_args.mlp_path)  # pickle or broken: named, never unpickled
-        if problem:
-            raise CorruptWeightsError(f"--mlp_path {model_args.mlp_path}: {problem} (a .safetensors file is needed)")
-        model.mlp1.load_state_dict(load_file(model_args.mlp_path))
+    if model_args.mlp_path:  # safetensors (tools/extract_mlp.py); the official .pth only with --allow_pickle
+        load_projector(model, model_args.mlp_path, model_args.allow_pickle)
     model.language_model.config.use_cache = False
     return model, tokenizer
 
@@ -378,39 +411,6 @@ def patch_bnb_for_cpu_training(model) -> None:
             patched += 1
     if patched:
         logger.info("bitsandbytes: disabled the AVX512-BF16 weight repacking on %d 4-bit layers (CPU QLoRA)", patched)
-
-
-def resize_embeddings(model, new_size: int) -> None:
-    """Grow the vocabulary; new output rows start at the mean of the old ones (as the official script does)."""
-    import contextlib
-
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    old = model.config.llm_config.vocab_size
-    model.language_model.resize_token_embeddings(new_size)
-    out = model.get_output_embeddings().weight
-    gather = contextlib.nullcontext()
-    if is_deepspeed_zero3_enabled():
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters([out], modifier_rank=0)
-    with gather, torch.no_grad():
-        out[old:] = out[:old].mean(dim=0, keepdim=True)
-    model.config.llm_config.vocab_size = new_size
-    logger.info("resized token embeddings %d -> %d", old, new_size)
-
-
-def resize_position_embedding(model, image_size: int) -> None:
-    """Permanently resample the ViT position table for a new tile size (bicubic, CLS kept)."""
-    emb = model.vision_model.embeddings
-    grid = image_size // emb.patch_size
-    with torch.no_grad():
-        patches = emb.patch_position_embedding(grid, grid, torch.float32)
-        table = torch.cat([emb.position_embedding[:, :1].float(), patches], dim=1).to(emb.position_embedding.dtype)
-    emb.position_embedding = torch.nn.Parameter(table)
-    emb.grid = grid
-    model.config.vision_config.image_size = image_size
-    logger.info("resized ViT position embeddings to %dx%d patches (tile %d px)", grid, grid, image_size)
 
 
 def data_config(data_args: DataTrainingArguments, training_args: TrainingArguments, model):
@@ -489,7 +489,8 @@ def start_summary(model_args, data_args, training_args, dataset, plan) -> str:
     )
     lines = [
         "=" * 72,
-        f"model      {model_args.model_name_or_path} (template {data_args.conv_style})",
+        f"model      {model_args.model_name_or_path or f'{model_args.vision_path} + {model_args.llm_path}'} "
+        f"(template {data_args.conv_style})",
         f"plan       {plan.describe()}",
         f"data       {data_args.meta_path}: {len(dataset)} samples",
         f"batch      {training_args.per_device_train_batch_size} per device x {training_args.gradient_accumulation_steps}"
@@ -624,13 +625,11 @@ def train(early: Early, model_args: ModelArguments, data_args: DataTrainingArgum
           training_args: TrainingArguments) -> str:
     """Load, train, save and mark the run complete (the output folder is ready and held)."""
     from .data.errors import BadDataTracker, TooMuchBadDataError
-    from .train.evaluation import build_evaluator, load_eval_specs
+    from .train.evaluation import build_evaluator
     from .train.run_folder import write_settings
     from .train.trainer import InternVLTrainer
 
-    resume = early.decision.resume
-    eval_specs = load_eval_specs(data_args.eval_meta_path, data_args.eval_max_samples) \
-        if data_args.eval_meta_path else None
+    resume, eval_specs = early.decision.resume, early.eval_specs
     model, tokenizer = load_model_and_tokenizer(model_args, data_args, training_args)
     dataset, collator = build_data(data_args, training_args, model, tokenizer, read=(early.entries, early.annotations))
     evaluator = build_evaluator(eval_specs, tokenizer, data_config(data_args, training_args, model), data_args) \

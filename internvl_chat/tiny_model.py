@@ -16,6 +16,7 @@ import torch
 
 from .model import InternVisionConfig, InternVLChatConfig, InternVLChatModel
 from .model.configuration import llm_classes
+from .serving import write_serving_files
 
 # LLM family -> (architecture, tiny-tokenizer flavour, default template)
 LLM_PRESETS: dict[str, tuple[str, str, str]] = {
@@ -100,7 +101,7 @@ def make_tiny_model(
     max_shard_size: str | None = None,
     **config_overrides: Any,
 ) -> Path:
-    """Write config.json, model.safetensors and a trained-offline tokenizer to `out_dir`."""
+    """Write config.json, model.safetensors, a trained-offline tokenizer and the serving files to `out_dir`."""
     from .tiny_tokenizer import build_tiny_tokenizer
 
     if llm not in LLM_PRESETS:
@@ -135,6 +136,7 @@ def make_tiny_model(
     model = model.to(getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
+    write_serving_files(out, tokenizer, config.template, getattr(config, "system_message", None))
     (out / "tiny_model.json").write_text(
         json.dumps({"llm": llm, "vit": vit, "template": config.template, "seed": seed, "dtype": dtype}, indent=2)
         + "\n"

@@ -3,10 +3,11 @@
 
 IN is a checkpoint saved while LoRA-wrapped (config.json has use_llm_lora / use_backbone_lora > 0); for a QLoRA run
 (4-bit base weights) the full-precision base it was trained from is reloaded (--base, default: the path recorded in
-IN's config.json) and the trained tensors are applied on top. OUT gets plain
-official key names, use_*_lora = 0, the tokenizer, and IN's *.py files, so it loads anywhere an official checkpoint
-does (the *.py files are copied, never imported). OUT must not exist yet (nothing is overwritten). Weights are read
-from safetensors only: a folder holding pickle weight files is refused unless --allow_pickle.
+IN's config.json) and the trained tensors are applied on top. OUT gets plain official key names, use_*_lora = 0, the
+tokenizer with the training chat_template and eos ids (internvl_chat/serving.py), and IN's *.py files, so it loads
+and serves anywhere an official checkpoint does (the *.py files are copied, never imported). OUT must not exist yet
+(nothing is overwritten). Weights are read from safetensors only: a folder holding pickle weight files is refused
+unless --allow_pickle.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import torch
 
 from internvl_chat.model import InternVLChatModel, load_tokenizer
 from internvl_chat.model.weight_files import CorruptWeightsError, UnsafeWeightsError, check_weights_dir
+from internvl_chat.serving import write_serving_files
 
 
 # top-level fields a fine-tuning run writes (finetune.py); copied from a QLoRA run onto its full-precision base
@@ -89,7 +91,10 @@ def main(argv=None) -> int:
         print(f"note: {args.input_path} has no LoRA adapters; writing an unchanged copy")
     model.merge_lora()
     model.save_pretrained(args.output_path)
-    load_tokenizer(args.input_path).save_pretrained(args.output_path)
+    tokenizer = load_tokenizer(args.input_path)
+    tokenizer.save_pretrained(args.output_path)
+    write_serving_files(args.output_path, tokenizer, model.config.template,
+                        getattr(model.config, "system_message", None))
     for src in glob.glob(os.path.join(args.input_path, "*.py")):
         shutil.copy2(src, args.output_path)
     print(f"merged checkpoint written to {args.output_path}")

@@ -19,8 +19,11 @@ import transformers
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "InternVL chat checkpoint to fine-tune"})
-    vision_path: str | None = field(default=None, metadata={"help": "not supported: start from a chat checkpoint"})
-    llm_path: str | None = field(default=None, metadata={"help": "not supported: start from a chat checkpoint"})
+    vision_path: str | None = field(default=None, metadata={
+        "help": "InternViT folder; with --llm_path, a new model is built from parts (fresh projector) when "
+                "--model_name_or_path is not given"})
+    llm_path: str | None = field(default=None, metadata={
+        "help": "LLM folder (weights and tokenizer); with --vision_path, a new model is built from parts"})
     mlp_path: str | None = field(default=None,
                                  metadata={"help": "mlp1 weights (safetensors) to load into the projector"})
     freeze_llm: bool = field(default=False)

@@ -98,6 +98,14 @@ def model_fingerprint(path: str) -> dict:
             "id": ident}
 
 
+def model_settings(values: Mapping[str, Any]) -> dict:
+    """The base model by content: the chat checkpoint, or the ViT and LLM folders a new model is built from."""
+    if values.get("model_name_or_path"):
+        return {"checkpoint": model_fingerprint(values["model_name_or_path"])}
+    return {"checkpoint": {"show": "none (built from --vision_path and --llm_path)", "id": None},
+            "vision": model_fingerprint(values["vision_path"]), "llm": model_fingerprint(values["llm_path"])}
+
+
 def data_fingerprint(meta_path: str, entries: Sequence, annotations: Sequence) -> dict[str, dict]:
     """The meta file by content, and each dataset's annotation file by size, record count and edge checksum."""
     with open(meta_path, "rb") as handle:
@@ -133,7 +141,7 @@ def zero_stage(deepspeed: Any) -> Any:
 
 def resolve_settings(values: Mapping[str, Any], world_size: int, entries: Sequence, annotations: Sequence) -> dict:
     """The run's settings that decide what is trained, as stored in :data:`SETTINGS_FILE`."""
-    settings: dict[str, Any] = {"model": {"checkpoint": model_fingerprint(values["model_name_or_path"])}}
+    settings: dict[str, Any] = {"model": model_settings(values)}
     for group, names in TRAINED_BY.items():
         settings.setdefault(group, {}).update({name: _plain(values.get(name)) for name in names})
     settings["data"].update(data_fingerprint(values["meta_path"], entries, annotations))

@@ -7,7 +7,8 @@
 - bad samples the dataset skipped are counted and reported (data.errors.BadDataTracker: distinct records, from the
   collator's `sample_ids` and `skipped_samples`), with a hard stop above a bad fraction;
 - checkpoints in the official layout (+ the base checkpoint's `*.py`, so `trust_remote_code` loading works, and the
-  run's settings, train/run_folder.py), written
+  run's settings, train/run_folder.py, and the training prompt as chat_template plus its end token as eos, serving.py),
+  written
   into a staging folder, synced, marked with every file's size and checksum, then renamed into place; rotation keeps
   the newest good one; a full disk is one line naming the folder and the space needed (train/checkpoint.py);
 - tokens/s, samples/s and peak memory in every log line;
@@ -33,6 +34,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from ..console import number_step_lines
 from ..data.collator import pop_trainer_keys
 from ..data.errors import BadDataTracker
+from ..serving import write_serving_files
 from . import checkpoint
 from .plan import component_of
 
@@ -252,6 +254,11 @@ class InternVLTrainer(Trainer):
                 dst = os.path.join(output_dir, os.path.basename(src))
                 if not os.path.exists(dst):
                     shutil.copy2(src, dst)
+        if self.args.should_save and self.processing_class is not None:
+            # the training prompt as chat_template and its end token as eos, for vLLM / lmdeploy (serving.py)
+            config = self.accelerator.unwrap_model(self.model).config
+            write_serving_files(output_dir, self.processing_class, getattr(config, "template", None),
+                                getattr(config, "system_message", None))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if _internal_call:  # a checkpoint: _save_checkpoint handles faults
