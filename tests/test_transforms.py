@@ -80,6 +80,16 @@ def test_normaliser_on_real_tiles_equals_lut_lookup(normalize_type):
     assert torch.equal(normalize_tiles(tiles[1], normalize_type), got[1:2])
 
 
+@pytest.mark.parametrize("normalize_type", ["imagenet", "clip", "siglip"])
+def test_every_level_of_every_channel_is_the_official_value(normalize_type):
+    """The CPU computes the values (float32 arithmetic) instead of indexing the table: all 3 x 256 bit for bit."""
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1).expand(1, 16, 16, 3)
+    got = normalize_tiles(levels, normalize_type).reshape(3, 256).numpy()
+    assert np.array_equal(got.view(np.uint32), _official_lut(normalize_type).view(np.uint32))
+    assert torch.equal(normalize_tiles(levels, normalize_type, dtype=torch.bfloat16),
+                       torch.from_numpy(got).reshape(1, 3, 16, 16).to(torch.bfloat16))
+
+
 def test_normaliser_dtype_and_device_follow_the_module():
     tiles = torch.from_numpy(_fixture_tiles(_cases()[0])[:, :64, :64])
     module = TileNormalizer("clip")
