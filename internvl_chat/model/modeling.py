@@ -10,6 +10,8 @@ Differences from the official model, on purpose:
   `ValueError` naming both counts. The official model prints a warning and multiplies the loss by zero, which
   trains on nothing without telling anyone.
 - The ViT stops at `select_layer` instead of computing layers whose output is discarded.
+- A training-mode forward with labels computes the LM head and the loss at the supervised positions only, in chunks
+  (model/loss.py), and returns no logits; `return_logits=True` gives the official full-logits path.
 - `generate()` returns only the new tokens (the official output carries one leading placeholder token).
 - `from_pretrained` loads safetensors only and refuses a folder holding pickle weight files (`pytorch_model.bin`,
   `*.pt`, ...) unless `allow_pickle=True`; it never imports code from the checkpoint folder and never downloads.
@@ -24,15 +26,14 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import inference
-from ..constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from ..constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from .configuration import InternVLChatConfig, llm_classes, llm_family
+from .loss import causal_lm_loss, supervised_lm_loss
 from .vision import InternVisionModel, init_linear_and_norm
 
 _NO_SPLIT = ["InternVisionEncoderLayer", "LlamaDecoderLayer", "InternLM2DecoderLayer", "Phi3DecoderLayer",
@@ -51,42 +52,6 @@ def pixel_shuffle(x: torch.Tensor, scale: float = 0.5, version: str = "v2") -> t
     if version == "v2":
         x = x.permute(0, 2, 1, 3)
     return x.contiguous()
-
-
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    loss_weight: torch.Tensor | None = None,
-    all_reduce_denominator: bool = False,
-) -> torch.Tensor:
-    """Next-token cross entropy in float32.
-
-    Without `loss_weight`: mean over supervised tokens. With it: `sum(ce * w) / sum(w)` over supervised tokens,
-    `w` given per input position (the weight of position t applies to predicting token t from t-1), which is how
-    the token / sample / square reductions are expressed. `all_reduce_denominator` averages `sum(w)` over ranks so
-    every rank's gradient has the same scale. A batch with no supervised token gives a zero loss that still keeps
-    the graph connected.
-    """
-    shift_logits = logits[..., :-1, :].float()
-    shift_labels = labels[..., 1:].to(shift_logits.device)
-    ce = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    supervised = (shift_labels.reshape(-1) != IGNORE_INDEX).float()
-    if loss_weight is None:
-        weight = supervised
-    else:
-        weight = loss_weight[..., 1:].to(ce.device, torch.float32).reshape(-1) * supervised
-    denom = weight.sum()
-    if all_reduce_denominator and dist.is_available() and dist.is_initialized():
-        denom = denom.detach().clone()
-        dist.all_reduce(denom, op=dist.ReduceOp.SUM)
-        denom = denom / dist.get_world_size()
-    # no supervised token: numerator and loss are 0 (no host sync, graph stays connected)
-    return (ce * weight).sum() / denom.clamp(min=1e-8)
 
 
 def _config_dtype(path) -> torch.dtype | None:
@@ -391,6 +356,7 @@ class InternVLChatModel(PreTrainedModel):
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
+        return_logits: bool | None = None,
     ) -> CausalLMOutputWithPast | tuple:
         """Official training batch in, `CausalLMOutputWithPast` out (a tuple when `return_dict` is False).
 
@@ -401,6 +367,11 @@ class InternVLChatModel(PreTrainedModel):
         none, `position_ids` restarting at every sample and, for flash-attention 2, the varlen boundaries
         `cu_seq_lens_q/k` and `max_length_q/k`, which go to the language model as they are. `statistics` is
         accepted only because the official packed collator passes it (for its own logs); it is not used.
+
+        With `labels` in training mode the loss is computed from the hidden states at the supervised positions only
+        (model/loss.py) and `logits` is None: the full `[tokens, vocabulary]` logits are never built.
+        `return_logits=True` (and eval mode, unless `return_logits=False`) computes every position's logits and
+        the loss from them, as the official model does.
         """
         del statistics  # official callers pass it; nothing here reads it
         if isinstance(loss_weight, list):
@@ -412,7 +383,9 @@ class InternVLChatModel(PreTrainedModel):
             use_cache = False
         varlen = {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k,
                   "max_length_q": max_length_q, "max_length_k": max_length_k}
-        outputs = self.language_model(
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        llm_inputs = dict(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -423,10 +396,18 @@ class InternVLChatModel(PreTrainedModel):
             return_dict=True,
             **{k: v for k, v in varlen.items() if v is not None},
         )
-        logits = outputs.logits
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, loss_weight, loss_reduction_all_gather)
+        loss = logits = None
+        if return_logits or labels is None:
+            outputs = self.language_model(**llm_inputs)
+            logits = outputs.logits
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels, loss_weight, loss_reduction_all_gather)
+        else:  # the LM head only where a label is (peft's LoRA layers live inside the unwrapped model too)
+            causal_lm = self.language_model.get_base_model() if hasattr(self.language_model, "get_base_model") \
+                else self.language_model
+            outputs = causal_lm.model(**llm_inputs)
+            loss = supervised_lm_loss(outputs.last_hidden_state, labels, causal_lm.get_output_embeddings(),
+                                      loss_weight, loss_reduction_all_gather)
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -115,7 +115,7 @@ class InternVLTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         about = pop_trainer_keys(inputs)  # the batch contract: data/collator.py
         if not model.training:  # an eval batch: neither training data nor training throughput
-            outputs = model(**inputs)
+            outputs = model(**inputs, return_logits=False)  # a loss only: no full logits (model/loss.py)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         num_samples = int(about.get("num_samples", inputs["input_ids"].shape[0]))  # packed rows hold several
         # sample_ids: "<file>:<line>" per sample, so distinct records are counted
