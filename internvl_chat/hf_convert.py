@@ -164,28 +164,35 @@ def check_exportable(config: dict[str, Any], keys: list[str] | None = None) -> N
 # --------------------------------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------------------------------
-_VISION_RENAMES = [  # official (after `vision_model.`) -> native (after `model.vision_tower.`)
-    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
-    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
-    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
-    (r"^encoder\.layers\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.projection_layer."),
-    (r"^encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"encoder.layer.\1.attention.\2."),
-    (r"^encoder\.layers\.(\d+)\.ls(\d)$", r"encoder.layer.\1.lambda_\2"),
-    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
-    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"encoder.layer.\1.mlp."),
+# The ViT's names, official (after `vision_model.`) <-> native (after `model.vision_tower.`): both directions are
+# read from this one table. `{field}` matches `_FIELDS[field]` and is carried over; a trailing `$` ends a whole name.
+_VISION_NAMES = [
+    ("embeddings.class_embedding$", "embeddings.cls_token$"),
+    ("embeddings.position_embedding$", "embeddings.position_embeddings$"),
+    ("embeddings.patch_embedding.", "embeddings.patch_embeddings.projection."),
+    ("encoder.layers.{layer}.attn.proj.", "encoder.layer.{layer}.attention.projection_layer."),
+    ("encoder.layers.{layer}.attn.{norm}.", "encoder.layer.{layer}.attention.{norm}."),
+    ("encoder.layers.{layer}.ls{digit}$", "encoder.layer.{layer}.lambda_{digit}$"),
+    ("encoder.layers.{layer}.norm1.", "encoder.layer.{layer}.layernorm_before."),
+    ("encoder.layers.{layer}.norm2.", "encoder.layer.{layer}.layernorm_after."),
+    ("encoder.layers.{layer}.mlp.", "encoder.layer.{layer}.mlp."),
 ]
-_VISION_RENAMES_BACK = [
-    (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
-    (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
-    (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.", r"encoder.layers.\1.attn.\2."),
-    (r"^encoder\.layer\.(\d+)\.lambda_(\d)$", r"encoder.layers.\1.ls\2"),
-    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
-    (r"^encoder\.layer\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-]
+_FIELDS = {"layer": r"\d+", "digit": r"\d", "norm": "q_norm|k_norm"}
+
+
+def _rename_rules(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(regex, replacement) rules for `_rename` from (source, target) name templates."""
+    rules = []
+    for source, target in pairs:
+        parts = re.split(r"\{(\w+)\}", source.rstrip("$"))
+        pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_FIELDS[p]})" for i, p in enumerate(parts))
+        rules.append(("^" + pattern + ("$" if source.endswith("$") else ""),
+                      re.sub(r"\{(\w+)\}", r"\\g<\1>", target.rstrip("$"))))
+    return rules
+
+
+_VISION_RENAMES = _rename_rules(_VISION_NAMES)
+_VISION_RENAMES_BACK = _rename_rules([(native, official) for official, native in _VISION_NAMES])
 _PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
 _PROJECTOR_BACK = {v: k for k, v in _PROJECTOR.items()}
 # older native checkpoints (transformers' `_checkpoint_conversion_mapping`)

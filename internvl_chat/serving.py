@@ -22,9 +22,11 @@ convention write them.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import shutil
 import weakref
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from .constants import IMAGE_PLACEHOLDER
 from .data.templates import Template, _affixes, get_template
 from .inference import stop_token_id
 
-__all__ = ["build_chat_template", "end_token_ids", "renders_like", "write_serving_files"]
+__all__ = ["build_chat_template", "end_token_ids", "renders_like", "save_servable", "write_serving_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,3 +253,16 @@ def write_serving_files(folder: str | os.PathLike, tokenizer, template: str | Te
     if generation.bos_token_id is None and tokenizer.bos_token_id is not None:
         generation.bos_token_id = tokenizer.bos_token_id
     generation.save_pretrained(folder)
+
+
+def save_servable(model, tokenizer, folder: str, code_from: tuple[str, ...] = ()) -> None:
+    """Write a chat checkpoint that loads and serves wherever an official one does: the model, its tokenizer with
+    the serving files above, and the *.py remote code of the `code_from` folders (copied, never imported; for
+    AutoModel(trust_remote_code=True) users; the first folder's file wins)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_serving_files(folder, tokenizer, model.config.template, getattr(model.config, "system_message", None))
+    for source in code_from:
+        for src in glob.glob(os.path.join(source, "*.py")):
+            if not os.path.exists(os.path.join(folder, os.path.basename(src))):
+                shutil.copy2(src, folder)

@@ -30,10 +30,10 @@ from internvl_chat.train.checkpoint import (
     MARKER,
     CheckpointSaveError,
     is_disk_full,
-    resolve_resume,
     rotate_checkpoints,
     verify_checkpoint,
 )
+from internvl_chat.train.run_folder import RunFolderError, decide
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -393,6 +393,10 @@ def test_corrupt_newest_checkpoint_is_skipped_with_its_reason(setup, tmp_path, f
 
 
 def test_explicit_resume_from_a_broken_checkpoint_names_it(setup, tmp_path):
+    def start(resume_from_checkpoint):  # what finetune.py decides before training
+        return decide(str(tmp_path), {}, overwrite=False, resume_from_checkpoint=resume_from_checkpoint,
+                      auto_resume=True)
+
     folder = tmp_path / "checkpoint-4"
     shutil.copytree(setup["ref"] / "checkpoint-4", folder)
     weights = folder / "model.safetensors"
@@ -400,13 +404,13 @@ def test_explicit_resume_from_a_broken_checkpoint_names_it(setup, tmp_path):
     truncate(folder, "model.safetensors")
     with pytest.raises(ValueError, match=f"--resume_from_checkpoint {folder} cannot be resumed from: "
                                          f"model.safetensors is {size // 2} bytes"):
-        resolve_resume(str(folder), str(tmp_path), auto_resume=True)
+        start(str(folder))
     (folder / MARKER).unlink()  # without a marker the weight files' structure is still checked
     with pytest.raises(ValueError, match=f"model.safetensors header declares {size - header} data bytes, the file "
                                          f"holds {size // 2 - header} \\(truncated\\)"):
-        resolve_resume(str(folder), str(tmp_path), auto_resume=True)
-    with pytest.raises(ValueError, match="no checkpoint in .* verifies"):
-        resolve_resume("True", str(tmp_path), auto_resume=True)
+        start(str(folder))
+    with pytest.raises(RunFolderError, match="holds checkpoints that do not verify \\(checkpoint-4\\)"):
+        start("True")
 
 
 def test_legacy_marker_still_counts_with_structural_checks(setup, tmp_path):

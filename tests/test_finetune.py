@@ -148,12 +148,12 @@ def test_resume_reproduces_uninterrupted_run(workdir):
 
 
 def test_incomplete_checkpoint_is_never_resumed(workdir, tmp_path):
-    from internvl_chat.train.trainer import last_complete_checkpoint
+    from internvl_chat.train.checkpoint import select_resume_checkpoint
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "internvl_chat_complete.json").write_text("{}")
     (tmp_path / "checkpoint-4").mkdir()  # interrupted while saving: no marker
-    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert select_resume_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
 
 
 def _free_port():

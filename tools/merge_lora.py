@@ -11,17 +11,15 @@ unless --allow_pickle.
 """
 
 import argparse
-import glob
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from internvl_chat.model import InternVLChatModel, load_tokenizer
 from internvl_chat.model.weight_files import CorruptWeightsError, UnsafeWeightsError, check_weights_dir
-from internvl_chat.serving import write_serving_files
+from internvl_chat.serving import save_servable
 
 
 # top-level fields a fine-tuning run writes (finetune.py); copied from a QLoRA run onto its full-precision base
@@ -90,13 +88,7 @@ def main(argv=None) -> int:
     if not (model.config.use_llm_lora or model.config.use_backbone_lora):
         print(f"note: {args.input_path} has no LoRA adapters; writing an unchanged copy")
     model.merge_lora()
-    model.save_pretrained(args.output_path)
-    tokenizer = load_tokenizer(args.input_path)
-    tokenizer.save_pretrained(args.output_path)
-    write_serving_files(args.output_path, tokenizer, model.config.template,
-                        getattr(model.config, "system_message", None))
-    for src in glob.glob(os.path.join(args.input_path, "*.py")):
-        shutil.copy2(src, args.output_path)
+    save_servable(model, load_tokenizer(args.input_path), args.output_path, code_from=(args.input_path,))
     print(f"merged checkpoint written to {args.output_path}")
     return 0
 

@@ -15,9 +15,7 @@ gives alone (max |diff| printed), and a prompt with one image tile runs through 
 """
 
 import argparse
-import glob
 import os
-import shutil
 import sys
 
 import torch
@@ -82,7 +80,7 @@ def main(argv=None) -> int:
     from internvl_chat.model.parts import PartsError, llm_config_of, replace_llm, resize_embeddings
     from internvl_chat.model.tokenizer import TokenizerLoadError
     from internvl_chat.model.weight_files import CorruptWeightsError, UnsafeWeightsError
-    from internvl_chat.serving import write_serving_files
+    from internvl_chat.serving import save_servable
 
     output = args.output_path or os.path.normpath(args.model_path) + "_replace_llm"
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
@@ -102,13 +100,7 @@ def main(argv=None) -> int:
         resize_embeddings(model, len(tokenizer))
     if args.template:
         model.config.template = model.template = args.template
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    write_serving_files(output, tokenizer, model.config.template, getattr(model.config, "system_message", None))
-    for folder in (args.model_path, args.llm_path):  # remote code, for AutoModel(trust_remote_code=True) users
-        for src in glob.glob(os.path.join(folder, "*.py")):
-            if not os.path.exists(os.path.join(output, os.path.basename(src))):
-                shutil.copy2(src, output)
+    save_servable(model, tokenizer, output, code_from=(args.model_path, args.llm_path))
 
     new_llm = f"{type(model.language_model).__name__} (hidden {model.config.llm_config.hidden_size})"
     print(f"LLM {old_llm} -> {new_llm}, vocabulary {model.config.llm_config.vocab_size}, template "

@@ -13,9 +13,7 @@ interpolates the same table on the fly (max |diff| printed; exit 1 above --atol)
 """
 
 import argparse
-import glob
 import os
-import shutil
 import sys
 
 import torch
@@ -47,7 +45,7 @@ def main(argv=None) -> int:
     from internvl_chat.model import InternVLChatModel, load_tokenizer
     from internvl_chat.model.parts import PartsError, check_image_size, resize_position_embedding
     from internvl_chat.model.weight_files import CorruptWeightsError, UnsafeWeightsError
-    from internvl_chat.serving import write_serving_files
+    from internvl_chat.serving import save_servable
 
     if os.path.exists(args.output_path) and (not os.path.isdir(args.output_path) or os.listdir(args.output_path)):
         parser.error(f"{args.output_path} exists and is not an empty folder; choose a new one")
@@ -62,13 +60,7 @@ def main(argv=None) -> int:
     resize_position_embedding(model, args.force_image_size)
     model.config.force_image_size = args.force_image_size
     model.num_image_token = model.config.num_image_token
-    model.save_pretrained(args.output_path)
-    tokenizer = load_tokenizer(args.model_path)
-    tokenizer.save_pretrained(args.output_path)
-    write_serving_files(args.output_path, tokenizer, model.config.template,
-                        getattr(model.config, "system_message", None))
-    for src in glob.glob(os.path.join(args.model_path, "*.py")):  # remote code of official checkpoints, copied
-        shutil.copy2(src, args.output_path)
+    save_servable(model, load_tokenizer(args.model_path), args.output_path, code_from=(args.model_path,))
 
     resized = InternVLChatModel.from_pretrained(args.output_path, torch_dtype=dtype)
     diff = (vit_features(resized, args.force_image_size) - reference).abs().max().item()

@@ -19,6 +19,8 @@ a JSONL file and its 1-based position in a JSON list, everywhere (training, chec
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -50,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # characters read at a time while streaming a JSON list
 _INDEX_CHUNK = 1 << 24  # bytes scanned at a time while indexing JSON lines
+# Files up to this size are hashed while they are indexed, so the run folder's data fingerprint (which hashes them
+# whole: train/checkpoint.py SMALL_FILE) does not read them again.
+HASHED_WHOLE = 32 * 2**20
 _BOM = b"\xef\xbb\xbf"
 _WS = " \t\r\n"
 _WHITESPACE = frozenset(b" \t\r\n\x0b\x0c")
@@ -177,6 +182,7 @@ class Annotation:
     ends: np.ndarray  # int64 exclusive end of each record
     line_numbers: np.ndarray | None  # 1-based line of each record; None: record k is on line k + 1
     blob: bytes | None  # JSON lists: the elements re-serialised back to back
+    sha256: str | None = None  # of the whole file, when it is at most HASHED_WHOLE bytes
 
     @property
     def num_records(self) -> int:
@@ -232,12 +238,18 @@ def index_annotation(path: str | os.PathLike) -> Annotation:
 def _index_jsonl(path: str) -> Annotation:
     """Byte offsets of the non-blank lines of a JSONL file (vectorised newline search)."""
     size = os.path.getsize(path)
+    digest = hashlib.sha256() if size <= HASHED_WHOLE else None
     if size == 0:
         empty = np.zeros(0, np.int64)
-        return Annotation(path, empty, empty, None, None)
+        return Annotation(path, empty, empty, None, None, digest.hexdigest())
     data = np.memmap(path, dtype=np.uint8, mode="r")
     try:
-        newlines = [np.flatnonzero(data[pos : pos + _INDEX_CHUNK] == 10) + pos for pos in range(0, size, _INDEX_CHUNK)]
+        newlines = []
+        for pos in range(0, size, _INDEX_CHUNK):
+            chunk = data[pos : pos + _INDEX_CHUNK]
+            newlines.append(np.flatnonzero(chunk == 10) + pos)
+            if digest is not None:
+                digest.update(chunk)
         newline_pos = np.concatenate(newlines).astype(np.int64)
         starts = np.concatenate([[0], newline_pos + 1]).astype(np.int64)
         ends = np.concatenate([newline_pos, [size]]).astype(np.int64)
@@ -264,14 +276,23 @@ def _index_jsonl(path: str) -> Annotation:
         ends[keep],
         None if all_kept else line_numbers,
         None,
+        digest.hexdigest() if digest is not None else None,
     )
 
 
 def _index_json_list(path: str) -> Annotation:
     """Parse a JSON list once and keep its elements as compact JSON bytes."""
+    sha256 = None
+    if os.path.getsize(path) <= HASHED_WHOLE:  # read once: hashed, then parsed as the text file below
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        sha256 = hashlib.sha256(raw).hexdigest()
+        text = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig")
+    else:
+        text = open(path, encoding="utf-8-sig")
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            elements = json.load(handle)
+        with text:
+            elements = json.load(text)
     except json.JSONDecodeError as exc:
         raise DataError(
             f"not valid JSON ({exc.msg} at column {exc.colno}); the whole list is unusable",
@@ -302,7 +323,7 @@ def _index_json_list(path: str) -> Annotation:
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
     ends = np.cumsum(lengths, dtype=np.int64)
     starts = ends - lengths
-    return Annotation(path, starts, ends, None, b"".join(pieces))
+    return Annotation(path, starts, ends, None, b"".join(pieces), sha256)
 
 
 def _element_bytes(element: Any) -> bytes:

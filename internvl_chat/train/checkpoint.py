@@ -277,28 +277,8 @@ def select_resume_checkpoint(output_dir: str, allow_pickle: bool = False) -> str
     return None
 
 
-def resolve_resume(resume: str | bool | None, output_dir: str, auto_resume: bool,
-                   allow_pickle: bool = False) -> str | None:
-    """What the run resumes from: an explicit --resume_from_checkpoint (verified: a broken one is an error naming
-    it), "True" (the newest good checkpoint, which must exist), or with auto_resume the newest good one if any."""
-    text = str(resume).strip().lower() if resume is not None else ""
-    if text in ("", "false", "none"):
-        path = select_resume_checkpoint(output_dir, allow_pickle) if auto_resume else None
-        if path:
-            logger.info("resuming from %s (newest checkpoint that verifies)", path)
-        elif auto_resume and list_checkpoints(output_dir):
-            logger.warning("no checkpoint in %s verifies: training starts from the beginning", output_dir)
-        return path
-    if text == "true":
-        path = select_resume_checkpoint(output_dir, allow_pickle)
-        if path is None:
-            raise ValueError(f"--resume_from_checkpoint True: no checkpoint in {output_dir} verifies")
-        logger.info("resuming from %s (newest checkpoint that verifies)", path)
-        return path
-    return check_resume_path(str(resume), allow_pickle)
-
-
 def check_resume_path(path: str, allow_pickle: bool = False) -> str:
+    """An explicit --resume_from_checkpoint, verified: a broken one is an error naming it and its problems."""
     if not os.path.isdir(path):
         raise ValueError(f"--resume_from_checkpoint {path}: no such folder")
     if os.path.exists(os.path.join(path, MARKER)):

@@ -107,15 +107,18 @@ def model_settings(values: Mapping[str, Any]) -> dict:
 
 
 def data_fingerprint(meta_path: str, entries: Sequence, annotations: Sequence) -> dict[str, dict]:
-    """The meta file by content, and each dataset's annotation file by size, record count and edge checksum."""
+    """The meta file by content, and each dataset's annotation file by size, record count and checksum (of the whole
+    file up to checkpoint.SMALL_FILE, taken while it was indexed; of its edges above)."""
     with open(meta_path, "rb") as handle:
-        meta = json.load(handle)
-    out = {"meta": {"show": f"{os.path.abspath(meta_path)} (id {_digest(json.dumps(meta, sort_keys=True).encode())})",
-                    "id": _digest(json.dumps(meta, sort_keys=True).encode())}}
+        meta = _digest(json.dumps(json.load(handle), sort_keys=True).encode())
+    out = {"meta": {"show": f"{os.path.abspath(meta_path)} (id {meta})", "id": meta}}
     for entry, annotation in zip(entries, annotations):
         path = os.path.abspath(entry.annotation)
         size = os.path.getsize(path)
-        record = checkpoint.file_record(path)
+        if size <= checkpoint.SMALL_FILE and annotation.sha256 is not None:
+            record = {"size": size, "sha256": annotation.sha256}  # checkpoint.file_record's, without a second read
+        else:
+            record = checkpoint.file_record(path)
         ident = _digest(json.dumps([size, annotation.num_records, record], sort_keys=True).encode())
         out[f"dataset {entry.name!r}"] = {
             "show": f"{path}: {annotation.num_records} records, {checkpoint.format_bytes(size)} (id {ident})",
@@ -315,6 +318,11 @@ def move_aside(output_dir: str) -> str:
 
 
 # --- one run at a time ----------------------------------------------------------------------------------------------
+def _holder(fd: int) -> str:
+    """What the lock holder wrote into the lock file ("pid 123 on host, since ...")."""
+    return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+
+
 def lock_holder(output_dir: str) -> str | None:
     """Who holds `output_dir` (a run still going: "pid 123 on host, since ..."), or None. Reads, never writes."""
     path = os.path.join(output_dir, LOCK_FILE)
@@ -325,8 +333,7 @@ def lock_holder(output_dir: str) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-        return text or "another process"
+        return _holder(fd)
     except OSError:  # a file system without locks: nothing to say
         return None
     finally:
@@ -343,7 +350,7 @@ class RunLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = _holder(self.fd)
             os.close(self.fd)
             raise RunFolderError(in_use_message(output_dir, holder)) from None
         except OSError:  # no locks on this file system: run without

@@ -43,11 +43,6 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = checkpoint.MARKER  # kept importable under its old name
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint that verifies (train/checkpoint.py); the ones skipped are logged with the reason."""
-    return checkpoint.select_resume_checkpoint(output_dir)
-
-
 class _EpochToDataset(TrainerCallback):
     """Tell the dataset the epoch (its per-sample randomness and packing plans are seeded by it).
 
