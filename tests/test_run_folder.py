@@ -194,6 +194,9 @@ def test_fingerprints_follow_content_not_paths(world, tmp_path):
     assert differences(base, settings_for(world, per_device_train_batch_size=4)) == [
         "batch: global batch: 8 (8 per device x 1 accumulation x 1 processes) -> "
         "4 (4 per device x 1 accumulation x 1 processes)"]
+    # the fast image path changes the pixels (slightly): a resume must not switch it silently
+    assert differences(settings_for(world, fast_image_decode=False), settings_for(world, fast_image_decode=True)) == [
+        "data: fast_image_decode: false -> true"]
     older = json.loads(json.dumps(base))
     del older["schedule"]["lr_scheduler_kwargs"]  # a setting an older version did not record: not a difference
     assert differences(older, base) == []

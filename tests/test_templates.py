@@ -496,6 +496,49 @@ def test_image_count_mismatch_and_misplaced_placeholders():
         tokenize_conversation(MULTI_IMAGE, "Hermes-2", tok, [256, 0])
 
 
+NARROW_CASES = [
+    (MULTI_IMAGE, [256, 768, 512]),
+    ([{"from": "system", "value": "Be brief."}, {"from": "human", "value": "x<image>y <image> \n<image>"},
+      {"from": "gpt", "value": " Two birds.\n"}], [5, 1, 300]),
+    ([{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "<image>?"}, {"from": "human",
+      "value": "  <image>"}, {"from": "gpt", "value": "Ok"}], [3, 7]),
+    ([{"from": "human", "value": f"<image>\nA literal {IMG_CONTEXT_TOKEN} too."},  # the full blocks' path
+      {"from": "gpt", "value": "Yes."}], [4]),
+]
+
+
+@pytest.mark.parametrize("flavour", list(TOKENIZER_DIRS))
+@pytest.mark.parametrize("template_name", TEMPLATE_NAMES)
+def test_narrow_image_blocks_tokenize_like_full_ones(template_name, flavour, monkeypatch):
+    """Image blocks are tokenized with one context token and widened after: the same ids and labels as tokenizing
+    the full blocks, on every template and tokenizer, or the same error."""
+    from internvl_chat.data import templates
+
+    tok = tokenizer(flavour)
+    block_ids = templates._narrow_block_ids(tok)
+    assert block_ids == tuple(tok.convert_tokens_to_ids([IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN]))
+
+    def both(conversation, counts):
+        out = []
+        for narrow in (True, False):
+            monkeypatch.setattr(templates, "_narrow_block_ids", lambda _, narrow=narrow: narrow and block_ids)
+            try:
+                out.append(tokenize_conversation(conversation, template_name, tok, counts, max_length=4096))
+            except ValueError as exc:
+                out.append(f"{type(exc).__name__}: {exc}")
+        return out
+
+    widened = []
+    widen = templates._widen
+    monkeypatch.setattr(templates, "_widen", lambda *args: widened.append(widen(*args)) or widened[-1])
+    for k, (conversation, counts) in enumerate(NARROW_CASES):
+        widened.clear()
+        narrow, full = both(conversation, counts)
+        assert narrow == full
+        if isinstance(narrow, dict):  # the narrow path was taken, but for the literal context token
+            assert (widened[0] is None) == (k == len(NARROW_CASES) - 1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Truncation
 

@@ -66,6 +66,9 @@ class DataConfig:
     resolves outside the dataset root (absolute, ``../``, a symlink out) is a bad sample, kind
     ``path_outside_root`` (default off, as the official code: the checker only warns).
     The bad fraction a run tolerates is the training loop's (``--max_bad_fraction``), not the dataset's.
+    ``fast_image_decode`` (ours, off by default: tiles identical to the official code): the same grids and tile
+    counts, from JPEGs decoded at a reduced DCT scale and resized with ``reducing_gap`` (see
+    :func:`~internvl_chat.data.tiling.fast_dynamic_preprocess`); only dynamically tiled images use it.
     """
 
     template: str = "internlm2-chat"
@@ -92,6 +95,7 @@ class DataConfig:
     max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES
     max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
     confine_paths: bool = False
+    fast_image_decode: bool = False
 
     def __post_init__(self) -> None:
         get_template(self.template)
@@ -117,6 +121,8 @@ class DataConfig:
             raise ValueError(
                 f"DataConfig.video_sample must be 'rand', 'middle' or 'fpsX' (X > 0), got {self.video_sample!r}"
             )
+        if not isinstance(self.fast_image_decode, bool):
+            raise ValueError(f"DataConfig.fast_image_decode must be a bool, got {self.fast_image_decode!r}")
         if self.video_backend not in VIDEO_BACKENDS:
             raise ValueError(f"DataConfig.video_backend must be one of {VIDEO_BACKENDS}, got {self.video_backend!r}")
         try:

@@ -87,7 +87,7 @@ from internvl_chat.data.meta import DatasetEntry, expand_indices, load_meta, sam
 from internvl_chat.data.paths import join_media_path
 from internvl_chat.data.records import Annotation, index_annotation, parse_json_line, read_lengths_sidecar
 from internvl_chat.data.templates import SampleTooLongError, TokenizerError, get_template, tokenize_conversation
-from internvl_chat.data.tiling import plan_tiles
+from internvl_chat.data.tiling import canvas_size, plan_tiles
 from internvl_chat.data.transforms import ImageLoadError, image_size, image_to_tiles, load_image
 from internvl_chat.data.validation import SAMPLE_TYPES, Sample, sample_of, sample_type
 
@@ -320,7 +320,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def _max_patches(self, entry: DatasetEntry) -> int:
         return entry.max_dynamic_patch or self.config.max_dynamic_patch
 
-    def _load_image(self, root: str, rel: str) -> Any:
+    def _load_image(self, root: str, rel: str, draft: tuple[int, int] | None = None) -> Any:
         cfg = self.config
         path = join_media_path(root, rel, cfg.confine_paths)
         try:  # load_image names the problem: missing_file, not_a_file, image_too_large, truncated_image, ...
@@ -330,6 +330,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 rescale_high_bit_depth=cfg.rescale_high_bit_depth,
                 max_image_pixels=cfg.max_image_pixels,
                 allow_truncated=cfg.allow_truncated_images,
+                draft=draft,
             )
         except ImageLoadError as exc:
             raise DataError(str(exc), kind=exc.kind) from exc
@@ -385,8 +386,25 @@ class SupervisedDataset(torch.utils.data.Dataset):
             first = sample.first_human_turn()
             first["value"] = IMAGE_PLACEHOLDER + "\n" + first["value"]
         tile_range = self._tile_range(entry, len(sample.images))
-        tiles = [self._tiles(self._load_image(entry.root, p), tile_range, augment) for p in sample.images]
+        tiles = [self._image_tiles(entry, p, tile_range, augment) for p in sample.images]
         return torch.cat(tiles), [self.config.num_image_token * int(t.shape[0]) for t in tiles]
+
+    def _image_tiles(self, entry: DatasetEntry, rel: str, tile_range: tuple[int, int],
+                     augment: random.Random | None) -> torch.Tensor:
+        """One image's tiles. With ``fast_image_decode`` the grid is planned from the header's size, as the exact
+        path plans it from the decoded one, and a JPEG is decoded only as large as that grid's canvas."""
+        cfg = self.config
+        if not (cfg.fast_image_decode and cfg.dynamic_image_size):
+            return self._tiles(self._load_image(entry.root, rel), tile_range, augment)
+        size = header_size_fn(entry, cfg)(rel)
+        image = self._load_image(entry.root, rel, draft=canvas_size(*size, *tile_range, cfg.image_size,
+                                                                    cfg.use_thumbnail))
+        # a reduced decode is smaller than the header says; any other difference: the decoded image is the truth
+        source = size if image.size[0] <= size[0] and image.size[1] <= size[1] else image.size
+        min_num, max_num = tile_range
+        return image_to_tiles(image, dynamic=True, min_num=min_num, max_num=max_num, image_size=cfg.image_size,
+                              use_thumbnail=cfg.use_thumbnail, pad2square=cfg.pad2square,
+                              normalize_type=cfg.normalize_type, augment_rng=augment, fast=True, source_size=source)
 
     def _video_pixels(self, sample: Sample, entry: DatasetEntry, rng: np.random.Generator,
                       augment: random.Random | None) -> tuple[torch.Tensor, list[int]]:

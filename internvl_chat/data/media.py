@@ -34,6 +34,9 @@ Every problem raises :class:`~internvl_chat.data.errors.DataError` with a ``kind
 ``missing_file`` (absent, or a dangling symlink), ``not_a_file`` (directory, FIFO, device, socket,
 symlink loop), ``unreadable_file`` (permission and other OS errors), ``image_too_large`` and
 ``video_too_long``.
+
+The opt-in fast image path asks a lazily opened JPEG to decode smaller (:func:`draft_to_cover`), once the size
+it will be resized to is known from the header.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ __all__ = [
     "open_regular_file",
     "sniff_image_size",
     "check_pixels",
+    "draft_to_cover",
 ]
 
 # PIL's DecompressionBombError threshold with its default settings: 2 * Image.MAX_IMAGE_PIXELS, where
@@ -65,6 +69,10 @@ __all__ = [
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 DEFAULT_MAX_VIDEO_FRAMES = 1_000_000
 DEFAULT_MAX_VIDEO_SECONDS = 36_000.0
+
+# EXIF Orientation values that rotate by 90 degrees: the upright image's sides are the stored ones swapped.
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 
 # A JPEG's size sits in its SOF segment, after APPn/COM/DQT/DHT segments; stop looking after this many
 # (each is skipped with a seek, so even this many costs nothing).
@@ -281,3 +289,30 @@ def _jpeg_size(fp: IO[bytes]) -> tuple[int, int] | None:
             return None
         fp.seek(length - 2, os.SEEK_CUR)
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Reduced decoding (the opt-in fast image path)
+
+
+def draft_to_cover(image, size: tuple[int, int], *, exif_transpose: bool = True) -> tuple[int, int]:
+    """Make a lazily opened JPEG decode at the smallest DCT scale (1/8, 1/4, 1/2, else 1) that still covers
+    ``size``; returns the size it will decode to. Other formats are left alone (their size is returned).
+
+    ``size`` is ``(width, height)`` of the upright image: with ``exif_transpose`` and an EXIF rotation by 90
+    degrees the request is swapped into the stored orientation. libjpeg scales inside the inverse DCT: a 1/2-scale
+    decode still entropy-decodes every coefficient but writes a quarter of the pixels, and the resize after it
+    reads a quarter as many.
+    """
+    if getattr(image, "format", None) != "JPEG":  # MPO (multi-picture JPEG) seeks frames: not drafted
+        return image.size
+    width, height = size
+    if exif_transpose:
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # malformed EXIF: to_rgb ignores it too
+            orientation = 1
+        if orientation in _ROTATED_ORIENTATIONS:
+            width, height = height, width
+    image.draft("RGB", (max(1, width), max(1, height)))  # "RGB" never changes the mode, only the scale
+    return image.size

@@ -65,8 +65,9 @@ all -100 labels, in the cases below. We never return a sample without a supervis
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from internvl_chat.constants import (
     IGNORE_INDEX,
@@ -413,15 +414,27 @@ def tokenize_conversation(
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     rule = _RULES.get(tpl.name, _DEFAULT_RULE)
     system, turns = _template_turns(conversations, rule)
-    pending = _image_token_counts(num_image_tokens, text_only)
-    num_images = len(pending)
-    system, messages = _expand_images(tpl, rule, system, turns, pending)
-    input_ids, supervised = _tokenize_messages(tpl, rule, tokenizer, messages, system)
+    counts = _image_token_counts(num_image_tokens, text_only)
+    num_images = len(counts)
+    tokens = None
+    block_ids = _narrow_block_ids(tokenizer) if counts else None
+    if block_ids:
+        # Each image block tokenized with one context token and widened after: the same tokens, without
+        # tokenizing thousands of context tokens once for the prompt and again for each chunk boundary count.
+        pending = list(counts)
+        narrow_system, messages = _expand_images(tpl, rule, system, turns, pending, block=lambda n: image_block(1))
+        ids, flags = _tokenize_messages(tpl, rule, tokenizer, messages, narrow_system)
+        tokens = _widen(ids, flags, counts[: num_images - len(pending)], block_ids)
+    if tokens is None:  # a tokenizer that does not split image tokens out, or a context token written in the text
+        pending = list(counts)
+        system, messages = _expand_images(tpl, rule, system, turns, pending)
+        tokens = _tokenize_messages(tpl, rule, tokenizer, messages, system)
+    input_ids, supervised = tokens
     labels = [i if flag else IGNORE_INDEX for i, flag in zip(input_ids, supervised)]
     if not any(supervised):
         raise ValueError("no supervised token after tokenization (empty assistant replies?)")
     num_blocks = num_images - len(pending)
-    end_id = _image_token_ids(tokenizer) if num_blocks else None
+    end_id = (block_ids[2] if block_ids else _image_token_ids(tokenizer)) if num_blocks else None
     if max_length is not None and len(input_ids) > max_length:
         input_ids, labels = _cut(input_ids, labels, max_length, num_blocks, end_id, len(supervised))
     return {"input_ids": input_ids, "labels": labels}
@@ -442,9 +455,10 @@ def _template_turns(conversations: Any, rule: _Rule) -> tuple[str | None, list[t
 
 
 def _expand_images(
-    tpl: Template, rule: _Rule, system: str | None, turns: list[tuple[bool, str]], pending: list[int]
+    tpl: Template, rule: _Rule, system: str | None, turns: list[tuple[bool, str]], pending: list[int],
+    block: Callable[[int], str] = image_block,
 ) -> tuple[str | None, list[tuple[str, str | None]]]:
-    """Replace ``<image>`` placeholders in prompt order with image blocks, taking their sizes from ``pending``
+    """Replace ``<image>`` placeholders in prompt order with ``block(size)``, taking the sizes from ``pending``
     (consumed); the messages as ``(role string, text or None)``."""
     num_images = len(pending)
 
@@ -455,7 +469,7 @@ def _expand_images(
                     f"an {IMAGE_PLACEHOLDER} placeholder in an assistant turn would receive image "
                     f"{num_images - len(pending) + 1} of {num_images}; put image placeholders in user turns"
                 )
-            text = text.replace(IMAGE_PLACEHOLDER, image_block(pending.pop(0)), 1)
+            text = text.replace(IMAGE_PLACEHOLDER, block(pending.pop(0)), 1)
         return text
 
     if system is not None and not rule.images_in_user_turns_only:
@@ -498,6 +512,63 @@ def _tokenize_messages(
         if token_id is not None:
             supervised = [flag and i != token_id for i, flag in zip(input_ids, supervised)]
     return input_ids, supervised
+
+
+def _block_ids(tokenizer) -> tuple[int, int, int] | None:
+    """The ids of ``<img>``, ``<IMG_CONTEXT>`` and ``</img>`` when the tokenizer has each as one token."""
+    ids = tuple(_token_id(tokenizer, token) for token in (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN))
+    return None if None in ids else ids
+
+
+def _widen(ids: list[int], flags: list[bool], counts: list[int],
+           block_ids: tuple[int, int, int] | None) -> tuple[list[int], list[bool]] | None:
+    """Tokens of narrow image blocks (``<img><IMG_CONTEXT></img>``) with the i-th context token repeated
+    ``counts[i]`` times; None unless the context tokens are exactly the blocks' (one per block, between its tags)."""
+    if block_ids is None:
+        return None
+    start_id, context_id, end_id = block_ids
+    where = [k for k, token in enumerate(ids) if token == context_id]
+    if len(where) != len(counts) or any(not 0 < k < len(ids) - 1 or ids[k - 1] != start_id or ids[k + 1] != end_id
+                                        for k in where):
+        return None
+    out_ids: list[int] = []
+    out_flags: list[bool] = []
+    last = 0
+    for k, n in zip(where, counts):
+        out_ids += ids[last:k] + [context_id] * n
+        out_flags += flags[last:k] + [flags[k]] * n
+        last = k + 1
+    return out_ids + ids[last:], out_flags + flags[last:]
+
+
+# Tokenizers checked by _narrow_block_ids, with the answer (weak keys: a tokenizer is not kept alive).
+_NARROW_BLOCK_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _narrow_block_ids(tokenizer) -> tuple[int, int, int] | None:
+    """The image tokens' ids (:func:`_block_ids`) when widening narrow image blocks gives the tokens of the full
+    ones, else None. It does when they are added tokens that the tokenizer splits out before anything else
+    (InternVL's are), so the text around a block tokenizes the same whatever its length; checked once per tokenizer
+    on a probe with text on both sides of two blocks."""
+    try:
+        return _NARROW_BLOCK_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    probe = "a {} b\n{}\n c"
+    try:
+        block_ids = _block_ids(tokenizer)
+        full = _encode(tokenizer, probe.format(image_block(3), image_block(2)))
+        narrow = _encode(tokenizer, probe.format(image_block(1), image_block(1)))
+    except TokenizerError:
+        block_ids = None
+    else:
+        if _widen(narrow, [False] * len(narrow), [3, 2], block_ids) != (full, [False] * len(full)):
+            block_ids = None
+    try:
+        _NARROW_BLOCK_IDS[tokenizer] = block_ids
+    except TypeError:  # not weakly referenceable: checked on every call
+        pass
+    return block_ids
 
 
 def _image_token_ids(tokenizer) -> int:

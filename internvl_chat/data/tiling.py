@@ -19,6 +19,12 @@ its two quirks:
 
 The pixels come from one PIL ``resize`` (BICUBIC, Pillow's default for RGB) of the whole image to
 the grid canvas, cropped row-major; the thumbnail is the ORIGINAL image resized to one tile.
+
+Opt-in fast path (``--fast_image_decode``, :func:`fast_dynamic_preprocess`): the grid is still planned
+from the original size (the header's, before decoding), so tiles and image tokens are the same in number;
+the pixels may come from a JPEG decoded at a DCT scale of 1/2, 1/4 or 1/8 that still covers
+:func:`canvas_size`, are resized with PIL's ``reducing_gap``, and the thumbnail is cut from the canvas
+rather than the original. Close to the exact tiles (about 44 dB PSNR on photos), not equal to them.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from functools import lru_cache
 
 from PIL import Image
 
-__all__ = ["candidate_grids", "plan_tiles", "dynamic_preprocess"]
+__all__ = ["candidate_grids", "plan_tiles", "dynamic_preprocess", "canvas_size", "fast_dynamic_preprocess",
+           "REDUCING_GAP"]
 
 _U64 = (1 << 64) - 1
 # xxHash-derived constants of CPython's tuple hash (Objects/tupleobject.c, CPython >= 3.8, 64-bit).
@@ -40,6 +47,10 @@ _XXPRIME_5 = 2870177450012600261
 _SET_MINSIZE = 8
 _LINEAR_PROBES = 9
 _PERTURB_SHIFT = 5
+# PIL's ``reducing_gap`` of the fast path: an integer box reduction first, only while the remaining bicubic step
+# still shrinks at least 3x (PIL's docs: 3.0 is indistinguishable from plain resampling in most cases; 2.0 cost
+# ~10 dB PSNR on the thumbnails of crisp text pages for no measurable time).
+REDUCING_GAP = 3.0
 
 
 def _tuple_hash(pair: tuple[int, int]) -> int:
@@ -213,4 +224,41 @@ def dynamic_preprocess(
             tiles.append(canvas.crop((x, y, x + image_size, y + image_size)))
     if num_tiles > len(tiles):
         tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def canvas_size(
+    width: int, height: int, min_num: int, max_num: int, image_size: int, use_thumbnail: bool
+) -> tuple[int, int]:
+    """``(width, height)`` of the grid canvas :func:`dynamic_preprocess` resizes the image to: the largest
+    size any of its tiles is cut from, hence the size a reduced JPEG decode must still cover."""
+    cols, rows, _ = plan_tiles(width, height, min_num, max_num, image_size, use_thumbnail)
+    return cols * image_size, rows * image_size
+
+
+def fast_dynamic_preprocess(
+    image: Image.Image,
+    source_size: tuple[int, int],
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = False,
+) -> list[Image.Image]:
+    """The tiles of :func:`dynamic_preprocess`, approximately and faster (the opt-in fast image path).
+
+    ``source_size`` is the original image's ``(width, height)``: the grid is planned from it, exactly as the exact
+    path does, so the tile count and the image tokens are the same even when ``image`` is a reduced decode (JPEG
+    ``draft``) whose rounded-up size has a slightly different aspect. Resizes use ``reducing_gap``
+    (:data:`REDUCING_GAP`), and the thumbnail is the canvas resized to one tile (a smaller source than the image).
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"fast_dynamic_preprocess expects a PIL image, got {type(image).__name__}")
+    width, height = source_size
+    cols, rows, num_tiles = plan_tiles(width, height, min_num, max_num, image_size, use_thumbnail)
+    canvas = image.resize((cols * image_size, rows * image_size), Image.Resampling.BICUBIC,
+                          reducing_gap=REDUCING_GAP)
+    tiles = [canvas.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+             for r in range(rows) for c in range(cols)]
+    if num_tiles > len(tiles):
+        tiles.append(canvas.resize((image_size, image_size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP))
     return tiles

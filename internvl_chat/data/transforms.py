@@ -48,8 +48,14 @@ from internvl_chat.constants import (
     SIGLIP_STD,
 )
 from internvl_chat.data.errors import DataError
-from internvl_chat.data.media import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, open_regular_file, sniff_image_size
-from internvl_chat.data.tiling import dynamic_preprocess
+from internvl_chat.data.media import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    check_pixels,
+    draft_to_cover,
+    open_regular_file,
+    sniff_image_size,
+)
+from internvl_chat.data.tiling import dynamic_preprocess, fast_dynamic_preprocess
 
 __all__ = [
     "NORMALIZE_TYPES",
@@ -279,8 +285,12 @@ def load_image(
     rescale_high_bit_depth: bool = True,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     allow_truncated: bool = False,
+    draft: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Open and fully decode an image file and return it as RGB (see :func:`to_rgb`).
+
+    ``draft`` (the opt-in fast path): a JPEG is decoded at the smallest DCT scale whose upright size still covers
+    this ``(width, height)`` (:func:`~internvl_chat.data.media.draft_to_cover`); without it, at full size.
 
     Before anything is decoded: a path must be a regular file (a FIFO, device, directory or symlink
     loop is refused, see :mod:`~internvl_chat.data.media`), and the image may have at most
@@ -297,6 +307,8 @@ def load_image(
     name = _source_name(source)
     try:
         with open_image(source, max_image_pixels=max_image_pixels, allow_truncated=allow_truncated) as image:
+            if draft is not None:
+                draft_to_cover(image, draft, exif_transpose=exif_transpose)
             _decode(image, name)
             _check_size(image.size, max_image_pixels, name)  # a plugin that decoded more than it declared
             return to_rgb(image, exif_transpose=exif_transpose, rescale_high_bit_depth=rescale_high_bit_depth)
@@ -496,6 +508,8 @@ def image_to_tiles(
     pad2square: bool = False,
     normalize_type: str = "imagenet",
     augment_rng: random.Random | None = None,
+    fast: bool = False,
+    source_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Turn one image into the uint8 tiles the model sees: ``[N, S, S, 3]``, channels-last.
 
@@ -504,6 +518,8 @@ def image_to_tiles(
     after an optional centred ``pad2square`` in the mean colour of ``normalize_type`` (a no-op for
     the square dynamic tiles). With ``augment_rng`` every tile is JPEG re-compressed at its own
     random quality (the official ``data_augment``). Feed the result to :class:`TileNormalizer`.
+    ``fast`` (with ``dynamic``) tiles with :func:`~internvl_chat.data.tiling.fast_dynamic_preprocess` instead,
+    planning the grid from ``source_size`` (the original size when ``image`` is a reduced decode; default its own).
 
     Deviation: the official training transform silently skips ``pad2square`` when ``data_augment``
     is on; here padding is applied whenever it is asked for (after the JPEG round trip, so the
@@ -518,7 +534,11 @@ def image_to_tiles(
         image = to_rgb(image)
     mean, _ = mean_std(normalize_type)
     if dynamic:
-        tiles = dynamic_preprocess(image, min_num, max_num, image_size, use_thumbnail)
+        if fast:
+            tiles = fast_dynamic_preprocess(image, source_size or image.size, min_num, max_num, image_size,
+                                            use_thumbnail)
+        else:
+            tiles = dynamic_preprocess(image, min_num, max_num, image_size, use_thumbnail)
     else:
         if isinstance(image_size, bool) or not isinstance(image_size, Integral) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")

@@ -54,7 +54,7 @@ TRAINED_BY: dict[str, tuple[str, ...]] = {
     "data": ("max_seq_length", "dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch",
              "min_num_frame", "max_num_frame", "pad2square", "normalize_type", "use_packed_ds",
              "num_images_expected", "max_packed_tokens", "loss_reduction", "loss_reduction_all_gather",
-             "group_by_length", "seed", "data_seed"),
+             "group_by_length", "seed", "data_seed", "fast_image_decode"),
     "schedule": ("learning_rate", "vision_lr", "mlp_lr", "llm_lr", "lr_scheduler_type", "lr_scheduler_kwargs",
                  "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps", "weight_decay", "optim",
                  "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm"),
