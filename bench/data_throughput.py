@@ -699,7 +699,8 @@ def markdown(result: dict, device: str, quick: bool) -> str:
         "## Data path",
         "",
         "<!-- headline: Data path (one CPU core): --fast_image_decode reads JPEG photos at "
-        f"{_ratio(photo[2], photo[0])} and document scans at {_ratio(scan[2], scan[0])} the official per-sample path's samples/s (fast tiles "
+        f"{_ratio(photo[2], photo[0])} and document scans at {_ratio(scan[2], scan[0])} the official per-sample "
+        "path's samples/s (fast tiles "
         f">= {_db(worst)} PSNR against the exact ones); the exact path gives identical tensors at "
         f"{result['ratio']:.2f}x on the whole mix. -->",
         "Samples per second of the training dataset (`SupervisedDataset[i]`, one process, no workers, one torch "

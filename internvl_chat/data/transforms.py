@@ -583,8 +583,9 @@ class TileNormalizer(torch.nn.Module):
 
     Exactly the official ``ToTensor`` + ``Normalize`` values, on any device: on a CPU by the official
     float32 arithmetic itself, elsewhere by indexing a per-channel table (a non-persistent buffer, so
-    it follows ``.to(device)`` and never enters a checkpoint). ``dtype`` picks the output type (default: the table's, float32); a bf16 output is
-    the float32 value rounded once. Pass ``channels_last=False`` for ``[N, 3, H, W]`` input.
+    it follows ``.to(device)`` and never enters a checkpoint). ``dtype`` picks the output type (default: the
+    table's, float32); a bf16 output is the float32 value rounded once. Pass ``channels_last=False`` for
+    ``[N, 3, H, W]`` input.
     """
 
     def __init__(self, normalize_type: str = "imagenet") -> None:
@@ -619,19 +620,23 @@ class TileNormalizer(torch.nn.Module):
             tiles = tiles.permute(0, 2, 3, 1)
         if tiles.device.type == "cpu":
             return self._arithmetic(tiles, dtype or self.lut.dtype)
-        lut = self.lut.to(device=tiles.device, dtype=dtype or self.lut.dtype)
+        return self._table(tiles, dtype or self.lut.dtype)
+
+    def _table(self, tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each level looked up in the per-channel table (the way on GPUs, where a gather is cheap)."""
+        lut = self.lut.to(device=tiles.device, dtype=dtype)
         # One flat table of 3*256 entries: the index of level v in channel c is c*256 + v.
         offsets = torch.arange(0, 768, 256, device=tiles.device, dtype=torch.int32)
         index = tiles.to(torch.int32) + offsets
         values = lut.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
         return values.permute(0, 3, 1, 2).contiguous()
 
-
     def _arithmetic(self, tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The official float32 steps themselves (v / 255, - mean, / std): the table's values bit for bit, and on
         a CPU faster than indexing the table (a gather per value), which stays the way on other devices."""
         mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in mean_std(self.normalize_type))
-        values = tiles.permute(0, 3, 1, 2).to(torch.float32).div(255).sub_(mean).div_(std).contiguous()
+        # channels first while still uint8 (a quarter of the bytes to move), then one float32 buffer, in place
+        values = tiles.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255).sub_(mean).div_(std)
         return values if dtype == torch.float32 else values.to(dtype)
 
 

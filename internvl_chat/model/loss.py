@@ -34,14 +34,17 @@ _MIN_CHUNK_ROWS = 16
 
 
 def _token_weights(
-    shift_labels: torch.Tensor, loss_weight: torch.Tensor | None, all_reduce_denominator: bool, device
+    next_labels: torch.Tensor, next_weight: torch.Tensor | None, all_reduce_denominator: bool, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position weight (0 where unsupervised) of the shifted labels, flattened, and the loss denominator."""
-    supervised = (shift_labels.reshape(-1) != IGNORE_INDEX).to(device, torch.float32)
-    if loss_weight is None:
+    """Per-position weight (0 where the next token is unsupervised), flattened, and the loss denominator.
+
+    `next_labels` / `next_weight` hold, at position t, the label and loss weight of token t+1 (what t predicts).
+    """
+    supervised = (next_labels.reshape(-1) != IGNORE_INDEX).to(device, torch.float32)
+    if next_weight is None:
         weight = supervised
     else:
-        weight = loss_weight[..., 1:].to(device, torch.float32).reshape(-1) * supervised
+        weight = next_weight.to(device, torch.float32).reshape(-1) * supervised
     denom = weight.sum()
     if all_reduce_denominator and dist.is_available() and dist.is_initialized():
         denom = denom.detach().clone()
@@ -64,15 +67,17 @@ def causal_lm_loss(
     every rank's gradient has the same scale. A batch with no supervised token gives a zero loss that still keeps
     the graph connected.
     """
-    shift_logits = logits[..., :-1, :].float()
-    shift_labels = labels[..., 1:].to(shift_logits.device)
+    # the labels move one step left (the last position predicts nothing): a view of the logits, not a copy
+    next_labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
+    next_weight = F.pad(loss_weight[..., 1:], (0, 1)) if loss_weight is not None else None
+    logits = logits.float()
     ce = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
+        logits.reshape(-1, logits.shape[-1]),
+        next_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
     )
-    weight, denom = _token_weights(shift_labels, loss_weight, all_reduce_denominator, ce.device)
+    weight, denom = _token_weights(next_labels, next_weight, all_reduce_denominator, ce.device)
     return (ce * weight).sum() / denom
 
 
@@ -108,7 +113,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_hidden[start:start + rows] = (grad_low @ weight).to(hidden.dtype)
             if need_w:
-                grad_weight += (grad_low.t() @ h.to(weight.dtype)).float()
+                if grad_low.dtype == torch.float32:  # accumulate in place: no [vocabulary, hidden] temporary
+                    grad_weight.addmm_(grad_low.t(), h.float())
+                else:
+                    grad_weight += (grad_low.t() @ h.to(weight.dtype)).float()
             if need_b:
                 grad_bias += grad.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -117,14 +125,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # scaled in place: the buffers are ours alone and a second copy of a [vocabulary, hidden] gradient would
+        # raise the step's peak memory (a second backward through this graph fails on the version check instead)
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(w_dtype)
+            grad_weight = grad_weight.mul_(grad_loss).to(w_dtype)
         if grad_bias is not None:
-            grad_bias = (grad_bias * grad_loss).to(b_dtype)
+            grad_bias = grad_bias.mul_(grad_loss).to(b_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
@@ -181,11 +191,12 @@ def supervised_lm_loss(
     `head` is the LM head module. `rows` overrides the chunk size (tests). Same value and gradients as the
     reference within float32 rounding, for every reduction.
     """
-    shift_labels = labels[..., 1:].to(hidden_states.device)
-    weight, denom = _token_weights(shift_labels, loss_weight, all_reduce_denominator, hidden_states.device)
+    next_labels = labels[..., 1:].to(hidden_states.device)
+    next_weight = loss_weight[..., 1:] if loss_weight is not None else None
+    weight, denom = _token_weights(next_labels, next_weight, all_reduce_denominator, hidden_states.device)
     keep = weight != 0
     flat = hidden_states[..., :-1, :].reshape(-1, hidden_states.shape[-1])
-    hidden, targets, scale = flat[keep], shift_labels.reshape(-1)[keep], weight[keep] / denom
+    hidden, targets, scale = flat[keep], next_labels.reshape(-1)[keep], weight[keep] / denom
     if hidden.shape[0] == 0:  # nothing supervised: a zero that keeps the graph connected
         return hidden_states.sum().float() * 0.0
     if _liger_usable(head, hidden):
