@@ -50,7 +50,13 @@ NATIVE_LLM = {
     "LlamaForCausalLM": "LlamaForCausalLM",
     "Phi3ForCausalLM": "Phi3ForCausalLM",
     "InternLM2ForCausalLM": "LlamaForCausalLM",
+    # same key names both sides; MoE experts stay per expert on disk in both layouts
+    "Qwen3ForCausalLM": "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM": "Qwen3MoeForCausalLM",
 }
+# native text model_type -> official architecture, for a native checkpoint whose text config names no class
+_OFFICIAL_ARCH_OF_TYPE = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM",
+                          "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 NATIVE_QK_NORM_EPS = 1e-6  # InternVLVisionAttention builds q_norm/k_norm with the RMSNorm default eps
 
 
@@ -442,15 +448,14 @@ def hf_to_official_config(hf: dict[str, Any], processor: dict[str, Any]) -> dict
     text = {k: v for k, v in copy.deepcopy(hf["text_config"]).items() if k not in _NATIVE_ONLY_TEXT_KEYS}
     arch = (text.get("architectures") or [None])[0]
     if arch is None:
-        arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}.get(
-            text.get("model_type"))
+        arch = _OFFICIAL_ARCH_OF_TYPE.get(text.get("model_type"))
         if arch is None:
             raise UnsupportedModelError(
                 f"text model type {text.get('model_type')!r} has no official-layout class here; "
-                f"supported: qwen2, llama, phi3"
+                f"supported: {', '.join(_OFFICIAL_ARCH_OF_TYPE)}"
             )
         text["architectures"] = [arch]
-    if arch not in ("Qwen2ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM"):
+    if arch not in _OFFICIAL_ARCH_OF_TYPE.values():
         raise UnsupportedModelError(f"text model {arch!r} has no official-layout class here")
     size = vision.get("image_size", 448)
     size = size[0] if isinstance(size, (list, tuple)) else size

@@ -24,6 +24,12 @@ LLM_PRESETS: dict[str, tuple[str, str, str]] = {
     "llama": ("LlamaForCausalLM", "llama", "Hermes-2"),
     "phi3": ("Phi3ForCausalLM", "phi3", "phi3-chat"),
     "internlm2": ("InternLM2ForCausalLM", "internlm2", "internlm2-chat"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen2", "internvl2_5"),  # Qwen3 keeps the Qwen2 vocabulary style
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen2", "internvl2_5"),
+    # InternVL3-9B: InternLM3's tokenizer is sentencepiece with InternLM2's chat tokens; the tiny one reuses that
+    "internlm3": ("InternLM3ForCausalLM", "internlm2", "internvl2_5"),
+    # InternVL3.5-GPT-OSS: internvl2_5 until the GPT-OSS (harmony) template exists; the tokenizer has its tokens
+    "gpt_oss": ("GptOssForCausalLM", "gpt_oss", "internvl2_5"),
 }
 
 VIT_STYLES: dict[str, dict[str, Any]] = {
@@ -76,6 +82,32 @@ def tiny_llm_config(llm: str, tokenizer, hidden_size: int = 64, num_layers: int 
     if llm == "internlm2":
         return dict(common, model_type="internlm2", max_position_embeddings=2048, rope_theta=1000000.0, bias=False,
                     rope_scaling={"type": "dynamic", "factor": 2.0}, attn_implementation="eager")
+    qwen3 = dict(common, max_position_embeddings=4096, rope_theta=1000000.0, rope_scaling=None, attention_bias=False,
+                 attention_dropout=0.0, use_sliding_window=False, sliding_window=None, max_window_layers=num_layers)
+    if llm == "qwen3":
+        # head_dim wider than hidden_size / heads, as in Qwen3-0.6B / 4B / 32B
+        return dict(qwen3, model_type="qwen3", head_dim=2 * head_dim)
+    if llm == "qwen3_moe":
+        # every layer sparse, as Qwen3-30B-A3B / 235B-A22B; router logits on so training adds the aux loss
+        return dict(qwen3, model_type="qwen3_moe", head_dim=head_dim, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=hidden_size // 2, decoder_sparse_step=1, mlp_only_layers=[],
+                    norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.001)
+    if llm == "internlm3":
+        # internlm3-8b-instruct's field names and RoPE (dynamic NTK, factor 6); its biases are off
+        return dict(common, model_type="internlm3", head_dim=head_dim, max_position_embeddings=32768,
+                    rope_theta=50000000, rope_scaling={"rope_type": "dynamic", "factor": 6.0}, qkv_bias=False,
+                    bias=False, attention_dropout=0.0)
+    if llm == "gpt_oss":
+        # gpt-oss-20b's fields (YaRN RoPE, sliding/full layers alternating, window 128, attention biases, sinks)
+        # with 4 experts, top-2; router logits on so training adds the aux loss, at gpt-oss-20b's coefficient
+        return dict(common, model_type="gpt_oss", head_dim=head_dim, intermediate_size=hidden_size,
+                    num_local_experts=4, num_experts_per_tok=2, experts_per_token=2, max_position_embeddings=131072,
+                    initial_context_length=4096, rope_theta=150000,
+                    rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                  "truncate": False, "original_max_position_embeddings": 4096},
+                    sliding_window=128, layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+                    + ["sliding_attention"] * (num_layers % 2), attention_bias=True, attention_dropout=0.0,
+                    swiglu_limit=7.0, output_router_logits=True, router_aux_loss_coef=0.9)
     raise ValueError(f"unknown LLM family {llm!r}; choose one of {sorted(LLM_PRESETS)}")
 
 

@@ -14,6 +14,9 @@ benchmarks need something that builds in a second without network and behaves li
                 tokens stored as placeholder pieces at the top of the sentencepiece vocabulary and renamed
                 through ``added_tokens_decoder``), loaded by the built-in
                 :class:`internvl_chat.model.tokenizer.InternLM2Tokenizer`.
+* ``gpt_oss``   byte-level BPE like ``qwen2`` (GPT-OSS's o200k_harmony is byte-level BPE too; the ids do not
+                match it) plus the harmony chat tokens (``<|start|>``, ``<|message|>``, ``<|channel|>``, ...), with
+                GPT-OSS's roles: no BOS added, eos ``<|return|>``, pad ``<|endoftext|>``.
 
 Every flavour holds the special tokens of all templates (``INTERNVL_SPECIAL_TOKENS`` included, in the
 official order), so one tiny tokenizer works with every conversation template. The vocabulary is learnt
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from .constants import INTERNVL_SPECIAL_TOKENS
 
-FLAVOURS = ("qwen2", "llama", "phi3", "internlm2")
+FLAVOURS = ("qwen2", "llama", "phi3", "internlm2", "gpt_oss")
 
 # Chat-template tokens of the LLM families InternVL uses (Qwen2/InternLM2 ChatML, Phi-3), in the order of
 # the reference fixture tokenizers; the InternVL tokens and the InternLM2 tool tokens follow.
@@ -51,6 +54,9 @@ CHAT_SPECIAL_TOKENS = (
 )
 INTERNLM2_TOOL_TOKENS = ("<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>")
 ALL_SPECIAL_TOKENS = CHAT_SPECIAL_TOKENS + tuple(INTERNVL_SPECIAL_TOKENS) + INTERNLM2_TOOL_TOKENS
+# The harmony format's tokens (GPT-OSS) not already above (<|endoftext|> and <|end|> are), in o200k_harmony's id order.
+GPT_OSS_HARMONY_TOKENS = ("<|startoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|message|>",
+                          "<|call|>")
 
 DEFAULT_VOCAB_SIZE = 1400
 TINY_MODEL_MAX_LENGTH = 8192
@@ -212,6 +218,9 @@ _ROLES = {
     # Phi-3-mini-128k-instruct's tokenizer_config.json (eos <|end|> since its mid-2024 update).
     "phi3": {"bos_token": "<s>", "eos_token": "<|end|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"},
     "internlm2": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"},
+    # gpt-oss-20b's tokenizer: a BOS exists but is never added; <|return|> ends the final answer.
+    "gpt_oss": {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "unk_token": None,
+                "pad_token": "<|endoftext|>"},
 }
 
 
@@ -224,11 +233,12 @@ def build_tiny_tokenizer(
 ):
     """Train a tiny tokenizer of one LLM family, save it to ``out_dir`` and return it loaded back.
 
-    ``vocab_size`` is the size of the learnt vocabulary: the BPE merges plus byte alphabet (``qwen2``), or
-    the whole sentencepiece model including ``<unk>``/``<s>``/``</s>``, byte pieces and, for ``internlm2``,
-    the 11 placeholder pieces of the chat/tool tokens. Special tokens that are not part of it follow it with
-    consecutive ids in the order of ``ALL_SPECIAL_TOKENS``, so ``len(tokenizer)`` is ``vocab_size + 23``
-    (qwen2), ``+ 20`` (llama, phi3) or ``+ 9`` (internlm2). The returned tokenizer is the one
+    ``vocab_size`` is the size of the learnt vocabulary: the BPE merges plus byte alphabet (``qwen2``,
+    ``gpt_oss``), or the whole sentencepiece model including ``<unk>``/``<s>``/``</s>``, byte pieces and, for
+    ``internlm2``, the 11 placeholder pieces of the chat/tool tokens. Special tokens that are not part of it follow
+    it with consecutive ids in the order of ``ALL_SPECIAL_TOKENS`` (then ``GPT_OSS_HARMONY_TOKENS``), so
+    ``len(tokenizer)`` is ``vocab_size + 23`` (qwen2), ``+ 30`` (gpt_oss), ``+ 20`` (llama, phi3) or ``+ 9``
+    (internlm2). The returned tokenizer is the one
     :func:`internvl_chat.model.tokenizer.load_tokenizer` gives for ``out_dir``. Tokenizer files already in
     ``out_dir`` are replaced; other files (a model's config and weights) are left alone.
     """
@@ -241,8 +251,8 @@ def build_tiny_tokenizer(
     for name in _TOKENIZER_FILES:  # a stale file of another flavour would change how the folder loads
         (out_dir / name).unlink(missing_ok=True)
     corpus = training_corpus(seed)
-    if flavour == "qwen2":
-        _build_qwen2(corpus, out_dir, vocab_size)
+    if flavour in ("qwen2", "gpt_oss"):
+        _build_byte_level(corpus, out_dir, vocab_size, flavour)
     elif flavour in ("llama", "phi3"):
         _build_llama(corpus, out_dir, vocab_size, flavour)
     else:
@@ -264,7 +274,8 @@ def _extra_tokens(roles: dict[str, str | None], tokens=ALL_SPECIAL_TOKENS) -> li
     return [token for token in tokens if token not in named]
 
 
-def _build_qwen2(corpus: list[str], out_dir: Path, vocab_size: int) -> None:
+def _build_byte_level(corpus: list[str], out_dir: Path, vocab_size: int, flavour: str) -> None:
+    """Byte-level BPE with Qwen2's pre-tokenizer, saved through transformers' Qwen2Tokenizer (no BOS added)."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
     from transformers import Qwen2Tokenizer
@@ -286,14 +297,15 @@ def _build_qwen2(corpus: list[str], out_dir: Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(corpus, trainer=trainer)
-    _check_size(backend.get_vocab_size(), vocab_size, "qwen2")
-    backend.add_special_tokens([_special(token) for token in ALL_SPECIAL_TOKENS])
+    _check_size(backend.get_vocab_size(), vocab_size, flavour)
+    specials = ALL_SPECIAL_TOKENS + (GPT_OSS_HARMONY_TOKENS if flavour == "gpt_oss" else ())
+    backend.add_special_tokens([_special(token) for token in specials])
 
-    roles = _ROLES["qwen2"]
+    roles = _ROLES[flavour]
     tokenizer = Qwen2Tokenizer(
         tokenizer_object=backend,
         **roles,
-        extra_special_tokens=_extra_tokens(roles),
+        extra_special_tokens=_extra_tokens(roles, specials),
         errors="replace",
         clean_up_tokenization_spaces=False,
         model_max_length=TINY_MODEL_MAX_LENGTH,

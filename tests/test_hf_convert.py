@@ -370,8 +370,8 @@ def test_from_hf_refuses_what_has_no_official_class():
 
     native = {"model_type": "internvl", "vision_config": {"hidden_size": 8, "num_hidden_layers": 1,
                                                           "num_attention_heads": 1, "intermediate_size": 8},
-              "text_config": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}}
-    with pytest.raises(UnsupportedModelError, match="Qwen3ForCausalLM"):
+              "text_config": {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}}
+    with pytest.raises(UnsupportedModelError, match="MistralForCausalLM"):
         hf_to_official_config(native, {})
     native["text_config"] = {"model_type": "qwen2"}
     native["vision_config"]["use_mean_pooling"] = False

@@ -21,7 +21,7 @@ from internvl_chat.model.tokenizer import (
     ensure_internvl_tokens,
     load_tokenizer,
 )
-from internvl_chat.tiny_tokenizer import ALL_SPECIAL_TOKENS, FLAVOURS, build_tiny_tokenizer
+from internvl_chat.tiny_tokenizer import ALL_SPECIAL_TOKENS, FLAVOURS, GPT_OSS_HARMONY_TOKENS, build_tiny_tokenizer
 
 FIXTURE_TOKENIZERS = {"qwen2": "tokenizer_qwen2", "bos": "tokenizer_bos"}
 
@@ -44,12 +44,13 @@ ROUND_TRIP = [s for s in SAMPLES if not re.search(r" [.,?!']", s)]
 # prepends, so text that starts with a space comes back one space shorter.
 LEADING_SPACE_LOST = {"llama", "phi3"}
 
-BOS_FLAVOURS = {"qwen2": False, "llama": True, "phi3": True, "internlm2": True}
+BOS_FLAVOURS = {"qwen2": False, "llama": True, "phi3": True, "internlm2": True, "gpt_oss": False}
 ROLES = {  # bos, eos, pad per flavour (Phi-3: Phi-3-mini-128k-instruct; InternLM2: released configs)
     "qwen2": (None, "<|im_end|>", "<|endoftext|>"),
     "llama": ("<s>", "</s>", "</s>"),
     "phi3": ("<s>", "<|end|>", "<|endoftext|>"),
     "internlm2": ("<s>", "</s>", "</s>"),
+    "gpt_oss": ("<|startoftext|>", "<|return|>", "<|endoftext|>"),  # gpt-oss-20b
 }
 
 
@@ -175,9 +176,12 @@ def test_tiny_tokenizer_layout(tiny_dirs, flavour):
     internvl = tok.convert_tokens_to_ids(list(INTERNVL_SPECIAL_TOKENS))
     assert internvl == list(range(internvl[0], internvl[0] + 9))  # consecutive, official order
     assert set(INTERNVL_SPECIAL_TOKENS) <= set(tok.all_special_tokens)
-    expected_len = {"qwen2": 1400 + 23, "llama": 1400 + 20, "phi3": 1400 + 20, "internlm2": 1400 + 9}[flavour]
+    expected_len = {"qwen2": 1400 + 23, "llama": 1400 + 20, "phi3": 1400 + 20, "internlm2": 1400 + 9,
+                    "gpt_oss": 1400 + 30}[flavour]
     assert len(tok) == expected_len
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ROLES[flavour]
+    if flavour == "gpt_oss":  # its eos <|return|> is one of the harmony tokens that follow the shared ones
+        ids = ids + tok.convert_tokens_to_ids(list(GPT_OSS_HARMONY_TOKENS))
     for token in (tok.eos_token, tok.pad_token):
         assert tok.convert_tokens_to_ids(token) in ids  # roles point at the shared special tokens
 
@@ -229,7 +233,7 @@ def test_tiny_tokenizer_is_deterministic(tiny_dirs, tmp_path, flavour):
     again = _files(_build(flavour, tmp_path / "again"))
     assert again == _files(tiny_dirs[flavour])
     other_seed = _files(_build(flavour, tmp_path / "seed1", seed=1))
-    vocab_file = "tokenizer.json" if flavour == "qwen2" else "tokenizer.model"
+    vocab_file = "tokenizer.json" if flavour in ("qwen2", "gpt_oss") else "tokenizer.model"
     assert other_seed[vocab_file] != again[vocab_file]
 
 

@@ -24,7 +24,31 @@ LLM_FAMILIES: dict[str, tuple[str, str, str]] = {
     "LlamaForCausalLM": ("transformers", "LlamaConfig", "LlamaForCausalLM"),
     "Phi3ForCausalLM": ("transformers", "Phi3Config", "Phi3ForCausalLM"),
     "InternLM2ForCausalLM": ("internvl_chat.model.internlm2", "InternLM2Config", "InternLM2ForCausalLM"),
+    # InternVL3.5: experts live fused in memory (transformers 5) and per expert on disk (its conversion mapping)
+    "Qwen3ForCausalLM": ("transformers", "Qwen3Config", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("transformers", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    # InternVL3-9B: the official InternLM3 remote code is Llama with Llama's key names (`qkv_bias` -> q/k/v biases,
+    # `bias` -> o_proj and MLP biases); transformers runs it as LlamaForCausalLM on its InternLM3Config, which maps
+    # those two fields onto attention_bias / mlp_bias and requires them equal (as every released InternLM3 has).
+    "InternLM3ForCausalLM": ("transformers", "InternLM3Config", "LlamaForCausalLM"),
+    # InternVL3.5-GPT-OSS-20B-A4B: experts are fused 3-D parameters in memory and on disk, under the same names.
+    "GptOssForCausalLM": ("transformers", "GptOssConfig", "GptOssForCausalLM"),
 }
+
+# Families whose attention has learnt sinks: transformers' SDPA and flash-attention-2 paths drop them silently.
+_SINK_ATTENTION = ("GptOssForCausalLM",)
+
+
+def llm_attn_implementation(llm_config: PreTrainedConfig, requested: str) -> str:
+    """The attention backend the LLM gets when `requested` is asked for the whole model.
+
+    GPT-OSS runs eager instead of "sdpa" / "flash_attention_2", which would compute attention without its sinks;
+    a sink-aware kernel named explicitly (e.g. "kernels-community/vllm-flash-attn3") is kept.
+    """
+    if llm_family(llm_config) in _SINK_ATTENTION and requested in ("sdpa", "flash_attention_2"):
+        return "eager"
+    return requested
+
 
 # Keys that only make sense inside one process; never written to disk.
 _RUNTIME_KEYS = ("_attn_implementation_internal", "_attn_implementation_autoset", "_commit_hash", "_name_or_path")
@@ -50,7 +74,8 @@ def llm_classes(arch: str) -> tuple[type, type]:
 def _llm_config_from_dict(raw: dict[str, Any]) -> PreTrainedConfig:
     arch = llm_family(raw)
     config_cls, _ = llm_classes(arch)
-    kwargs = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
+    # a deep copy: transformers standardizes nested dicts (rope_scaling) in place, which would change the raw dict
+    kwargs = copy.deepcopy({k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")})
     attn = kwargs.pop("attn_implementation", None)
     rope_scaling = kwargs.get("rope_scaling")
     if arch == "Phi3ForCausalLM" and isinstance(rope_scaling, dict):

@@ -22,22 +22,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from .. import inference
 from ..constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from .configuration import InternVLChatConfig, llm_classes, llm_family
+from .configuration import InternVLChatConfig, llm_attn_implementation, llm_classes, llm_family
 from .loss import causal_lm_loss, supervised_lm_loss
 from .vision import InternVisionModel, init_linear_and_norm
 
 _NO_SPLIT = ["InternVisionEncoderLayer", "LlamaDecoderLayer", "InternLM2DecoderLayer", "Phi3DecoderLayer",
-             "Qwen2DecoderLayer"]
+             "Qwen2DecoderLayer", "Qwen3DecoderLayer", "Qwen3MoeDecoderLayer", "GptOssDecoderLayer"]
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float = 0.5, version: str = "v2") -> torch.Tensor:
@@ -80,6 +81,39 @@ def _set_checkpointing(module: PreTrainedModel, enable: bool) -> None:
         module.activation_checkpointing_disable()
 
 
+def wants_router_aux_loss(llm_config) -> bool:
+    """Whether training adds the MoE router's load-balancing loss: as the official training, when the LLM config
+    asks for router logits (`output_router_logits`); it is weighted by the config's `router_aux_loss_coef`."""
+    return bool(getattr(llm_config, "output_router_logits", False)) and hasattr(llm_config, "router_aux_loss_coef")
+
+
+def router_aux_loss(causal_lm: nn.Module, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The family's own load-balancing loss (transformers' `load_balancing_loss_func` of the LLM's modeling module)
+    over every layer's router logits; a 2-D padding mask keeps padding out, a packed batch has none."""
+    module = sys.modules.get(type(causal_lm).__module__)
+    func = getattr(module, "load_balancing_loss_func", None)
+    if func is None:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func as func
+    cfg = causal_lm.config
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    return func(tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, mask)
+
+
+# LLMs whose transformers model builds its attention masks without the position ids, so a packed row (no attention
+# mask, position ids restarting per sample) would attend across samples: the chat model passes them the masks.
+_MASKS_WITHOUT_POSITION_IDS = {"GptOssForCausalLM"}
+
+
+def packed_attention_masks(llm_config, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Per-layer-type masks of a packed row, block-diagonal per sample (from the restarting position ids)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    kwargs = dict(config=llm_config, inputs_embeds=inputs_embeds, attention_mask=None, past_key_values=None,
+                  position_ids=position_ids)
+    return {"full_attention": create_causal_mask(**kwargs),
+            "sliding_attention": create_sliding_window_causal_mask(**kwargs)}
+
+
 # Official LoRA targets (internvl_chat_finetune.py); matched by module-name suffix.
 LLM_LORA_TARGETS: dict[str, list[str]] = {
     "InternLM2ForCausalLM": ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
@@ -89,6 +123,17 @@ LLM_LORA_TARGETS: dict[str, list[str]] = {
                          "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"],
     "LlamaForCausalLM": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"],
+    "Qwen3ForCausalLM": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"],
+    # attention only: transformers 5 keeps a layer's experts as two fused parameters (no nn.Linear for peft to
+    # wrap) and the router as a bare weight; both stay frozen under LoRA
+    "Qwen3MoeForCausalLM": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    "InternLM3ForCausalLM": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                             "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"],
+    # attention only, as the official generic list gives for GPT-OSS (its MLP names do not exist there): the
+    # experts are fused 3-D parameters (gate_up_proj, down_proj and their biases) and the router a bare
+    # weight + bias, so peft has no nn.Linear to wrap; experts, router and sinks stay frozen under LoRA
+    "GptOssForCausalLM": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
 }
 VISION_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
@@ -109,7 +154,7 @@ class InternVLChatModel(PreTrainedModel):
         super().__init__(config)
         attn = config._attn_implementation or "sdpa"
         config.vision_config._attn_implementation = attn
-        config.llm_config._attn_implementation = attn
+        config.llm_config._attn_implementation = llm_attn_implementation(config.llm_config, attn)
         llm_family(config.llm_config)  # clear error for unsupported architectures
 
         self.template = config.template
@@ -372,6 +417,10 @@ class InternVLChatModel(PreTrainedModel):
         (model/loss.py) and `logits` is None: the full `[tokens, vocabulary]` logits are never built.
         `return_logits=True` (and eval mode, unless `return_logits=False`) computes every position's logits and
         the loss from them, as the official model does.
+
+        An MoE LLM whose config sets `output_router_logits` (Qwen3-MoE, GPT-OSS) adds `router_aux_loss_coef` times
+        the router's load-balancing loss over all non-padding tokens to a loss with labels, in both paths, and
+        returns a `MoeCausalLMOutputWithPast` carrying `aux_loss`, as the official model does.
         """
         del statistics  # official callers pass it; nothing here reads it
         if isinstance(loss_weight, list):
@@ -396,18 +445,44 @@ class InternVLChatModel(PreTrainedModel):
             return_dict=True,
             **{k: v for k, v in varlen.items() if v is not None},
         )
+        router_aux = labels is not None and wants_router_aux_loss(self.config.llm_config)
+        if router_aux:
+            llm_inputs["output_router_logits"] = True
+        # peft's LoRA layers live inside the unwrapped model too
+        causal_lm = self.language_model.get_base_model() if hasattr(self.language_model, "get_base_model") \
+            else self.language_model
+        packed_masks = attention_mask is None and position_ids is not None and past_key_values is None \
+            and llm_family(self.config.llm_config) in _MASKS_WITHOUT_POSITION_IDS
+        if packed_masks:
+            llm_inputs["attention_mask"] = packed_attention_masks(causal_lm.config, inputs_embeds, position_ids)
         loss = logits = None
-        if return_logits or labels is None:
+        if packed_masks and (return_logits or labels is None):  # the LM's own forward would misread the masks
+            outputs = causal_lm.model(**llm_inputs)
+            logits = causal_lm.get_output_embeddings()(outputs.last_hidden_state)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels, loss_weight, loss_reduction_all_gather)
+        elif return_logits or labels is None:
             outputs = self.language_model(**llm_inputs)
             logits = outputs.logits
             if labels is not None:
                 loss = causal_lm_loss(logits, labels, loss_weight, loss_reduction_all_gather)
-        else:  # the LM head only where a label is (peft's LoRA layers live inside the unwrapped model too)
-            causal_lm = self.language_model.get_base_model() if hasattr(self.language_model, "get_base_model") \
-                else self.language_model
+        else:  # the LM head only where a label is
             outputs = causal_lm.model(**llm_inputs)
             loss = supervised_lm_loss(outputs.last_hidden_state, labels, causal_lm.get_output_embeddings(),
                                       loss_weight, loss_reduction_all_gather)
+        if router_aux:
+            aux_loss = router_aux_loss(causal_lm, outputs.router_logits, attention_mask)
+            loss = loss + self.config.llm_config.router_aux_loss_coef * aux_loss.to(loss.device)
+            output = MoeCausalLMOutputWithPast(
+                loss=loss,
+                aux_loss=aux_loss,
+                logits=logits,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                router_logits=outputs.router_logits,
+            )
+            return output.to_tuple() if return_dict is False else output
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -439,6 +514,9 @@ class InternVLChatModel(PreTrainedModel):
         if visual_features is not None or pixel_values is not None:
             vit_embeds = visual_features if visual_features is not None else self.extract_feature(pixel_values)
             inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, vit_embeds)
+        if hasattr(self.config.llm_config, "output_router_logits"):
+            # an MoE LLM would otherwise compute its aux loss at every step, against a mask longer than the step
+            generate_kwargs.setdefault("output_router_logits", False)
         return self.language_model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
