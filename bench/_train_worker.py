@@ -8,35 +8,26 @@ children do not inherit a busy OpenMP pool).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 import traceback
 
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from _vlm import PeakMemory, attn_implementation, item_tokens, items_for, model_dtype, sync, to_device
-from internvl_chat.data.collator import DataCollator, pop_trainer_keys
-from internvl_chat.data.packing import PackedCollator
+from _vlm import PeakMemory, attn_implementation, item_tokens, model_dtype, sync, to_device
 from internvl_chat.model import InternVLChatModel
 from internvl_chat.model.tokenizer import load_tokenizer
+from internvl_chat.tiny_model import synthetic_batch
 
 LORA_RANK = 16  # the official *_lora.sh launchers: --use_llm_lora 16, ViT and LLM frozen, projector trained
 
 
-def chunked_loss_available() -> bool:
-    """True once the model's forward takes `return_logits` (issue 15's chunked loss)."""
-    return "return_logits" in inspect.signature(InternVLChatModel.forward).parameters
-
-
 def _batch(spec: dict, tokenizer) -> dict:
-    items = items_for(tokenizer, spec["shape"], [tuple(s) for s in spec["layout"]], seed=spec.get("seed", 0))
-    if spec.get("packed"):
-        batch = PackedCollator(pad_token_id=tokenizer.pad_token_id)([items])
-    else:
-        batch = DataCollator(pad_token_id=tokenizer.pad_token_id)(items)
-    pop_trainer_keys(batch)
-    return batch
+    """The variant's batch: normalised float tiles, which the native model takes too; text ids from the whole
+    learnt vocabulary of the tiny Qwen2 tokenizer (the batches the published figures were measured on)."""
+    return synthetic_batch(tokenizer, [tuple(s) for s in spec["layout"]], packed=bool(spec.get("packed")),
+                           seed=spec.get("seed", 0), image_size=spec["shape"].image_size, float_pixels=True,
+                           text_ids=(10, tokenizer.vocab_size))
 
 
 def _load(spec: dict):
@@ -105,7 +96,7 @@ def _run(spec: dict) -> dict:
         if spec.get("gc"):
             model.set_vision_gradient_checkpointing(True)
             model.set_llm_gradient_checkpointing(True)
-        if spec["loss"] == "full" and chunked_loss_available():
+        if spec["loss"] == "full":
             batch["return_logits"] = True
     model.train()
     batch = to_device(batch, device, model_dtype(device))

@@ -1,8 +1,9 @@
-"""Shared pieces of the training and generation benchmarks: the benchmark model, its batches, FLOP counts, memory.
+"""Shared pieces of the training and generation benchmarks: the benchmark model, FLOP counts, memory.
 
 The model is a random-weight InternVL in the official layout, small but with the real geometry and the real
 vocabulary size (the LM head and embeddings of a Qwen2-based InternVL: 151,674 rows), so the share of the step that
-the LM head takes is the real one. The tokenizer is the project's tiny one: only ids below its size occur.
+the LM head takes is the real one. The tokenizer is the project's tiny one: only ids below its size occur. Batches
+are tiny_model.synthetic_batch's (bench/_train_worker.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from internvl_chat.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 QWEN2_VOCAB = 151_674  # InternVL2/2.5 with a Qwen2 LLM: vocabulary incl. the added image tokens
 
@@ -89,43 +88,8 @@ def write_model(out: str | Path, shape: Shape, seed: int = 0) -> Path:
     return out
 
 
-def special_ids(tokenizer) -> dict[str, int]:
-    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
-            (("context", IMG_CONTEXT_TOKEN), ("start", IMG_START_TOKEN), ("end", IMG_END_TOKEN))}
-
-
-def make_item(tokenizer, gen: torch.Generator, shape: Shape, tiles: int, prompt: int, answer: int) -> dict:
-    """One dataset item as the collators take it: `prompt` unsupervised text tokens around an image block of
-    `tiles` tiles (a text-only item carries one dummy tile with flag 0, as the dataset does), then `answer`
-    supervised tokens."""
-    ids = special_ids(tokenizer)
-
-    def text(n: int) -> torch.Tensor:  # ordinary tokens (special ones follow the learnt vocabulary)
-        return torch.randint(10, tokenizer.vocab_size, (n,), generator=gen)
-
-    head = prompt // 2
-    parts = [text(head)]
-    if tiles:
-        image = torch.full((tiles * shape.tile_tokens,), ids["context"])
-        parts += [torch.tensor([ids["start"]]), image, torch.tensor([ids["end"]])]
-    parts += [text(prompt - head), text(answer)]
-    input_ids = torch.cat(parts)
-    labels = input_ids.clone()
-    labels[: len(input_ids) - answer] = IGNORE_INDEX
-    n_tiles = max(tiles, 1)
-    pixel_values = torch.randn((n_tiles, 3, shape.image_size, shape.image_size), generator=gen).clamp(-2, 2)
-    flags = torch.full((n_tiles,), 1 if tiles else 0, dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "image_flags": flags,
-            "num_supervised": answer}
-
-
-def items_for(tokenizer, shape: Shape, layout: list[tuple[int, int, int]], seed: int = 0) -> list[dict]:
-    """Items from (tiles, prompt tokens, answer tokens) triples, deterministic for a seed."""
-    gen = torch.Generator().manual_seed(seed)
-    return [make_item(tokenizer, gen, shape, *spec) for spec in layout]
-
-
 def item_tokens(shape: Shape, spec: tuple[int, int, int]) -> int:
+    """Tokens of the tiny_model.synthetic_items item of a (tiles, prompt tokens, answer tokens) triple."""
     tiles, prompt, answer = spec
     return prompt + answer + (tiles * shape.tile_tokens + 2 if tiles else 0)
 

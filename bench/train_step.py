@@ -89,11 +89,11 @@ def _spec(name: str, quick: bool, device: str, dirs: dict) -> dict:
                 steps=1, **dirs)
 
 
-def _flops(spec: dict, shape: _vlm.Shape, chunked: bool) -> float:
+def _flops(spec: dict, shape: _vlm.Shape) -> float:
     layout = spec["layout"]
     segments = [_vlm.item_tokens(shape, s) for s in layout]
     supervised = sum(s[2] for s in layout)
-    head = supervised if (chunked and spec["loss"] == "chunked" and spec["impl"] == "ours") else sum(segments)
+    head = supervised if (spec["loss"] == "chunked" and spec["impl"] == "ours") else sum(segments)
     vit = "full" if spec["mode"] == "full" else "frozen"
     llm = "lora" if spec["mode"] in ("lora", "qlora") else "full"
     return _vlm.step_flops(shape, segments, head, sum(max(t, 1) for t, _, _ in layout),
@@ -123,7 +123,6 @@ def measure(quick: bool = False, device: str = "cpu", only: list[str] | None = N
                 else:
                     os.environ[key] = value
         ceiling = pool.submit(worker.measure_matmul, device).result()
-        chunked = worker.chunked_loss_available()
         for r in range(rounds):
             order = names if r % 2 == 0 else names[::-1]
             for name in order:
@@ -136,7 +135,7 @@ def measure(quick: bool = False, device: str = "cpu", only: list[str] | None = N
                             " (failed)" if "error" in got else "")
                 prev = results.get(name)
                 if prev is None or "error" in prev:
-                    got["flops"] = _flops(spec, shape, chunked)
+                    got["flops"] = _flops(spec, shape)
                     got["spec"] = spec
                     results[name] = got
                 elif "error" not in got:
@@ -149,8 +148,7 @@ def measure(quick: bool = False, device: str = "cpu", only: list[str] | None = N
             res["tokens_per_s"] = res["tokens"] / res["best"]
             res["mfu"] = res["flops"] / res["best"] / ceiling
     return {"quick": quick, "device": device, "shape": shape.describe(), "shape_obj": shape, "ceiling": ceiling,
-            "rounds": rounds,
-            "chunked_loss": chunked, "results": results}
+            "rounds": rounds, "results": results}
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -246,9 +244,6 @@ def format_section(m: dict) -> str:
         "frozen ones a gradient passes through, 2 for a frozen ViT), attention 4 x S^2 x width per layer forward "
         "(x3 with backward); the LM head at every real position for full logits and at the supervised positions "
         "only for the chunked loss; recomputation under checkpointing not counted.")
-    if not m["chunked_loss"]:
-        out += ["", "**The chunked loss is not in this tree** (`forward` takes no `return_logits`): the chunked rows "
-                    "compute full logits too."]
     out += ["", f"Reproduce: `python bench/run.py --only training{flag}` or "
                 f"`python bench/train_step.py{flag}{dev}`.", "", _vlm.machine(device), ""]
     out += ["### Loss: chunked (supervised positions only) vs full logits", "",

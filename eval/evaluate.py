@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a tokenizer only defined by its code")
     p.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true",
                    help="accept pickle weight files (pytorch_model.bin, *.pt); by default only safetensors load")
+    p.add_argument("--thinking", action="store_true",
+                   help="InternVL3/3.5 thinking mode: the thinking system message (see the chat CLI); the reasoning "
+                        "before </think> is kept as `reasoning` and the rest scored. Give room: --max-new-tokens")
     p.add_argument("--check-only", action="store_true", help="check the inputs and exit (no model is loaded)")
     return p
 
@@ -180,10 +183,18 @@ def _figures(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "per_sample"}
 
 
-def score_task(task: Task, predictions: list[str], textbook: bool) -> tuple[list[dict], list[dict], list[dict]]:
-    """(prediction lines, result rows, breakdown rows) of one task."""
+def score_task(task: Task, predictions: list[str], textbook: bool,
+               thinking: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prediction lines, result rows, breakdown rows) of one task. With ``thinking`` the answer after the
+    reasoning is scored and the reasoning kept in its line."""
+    from internvl_chat.data.templates import split_thinking
+
     from .metrics import MetricInputError, compute
 
+    reasoning: list[str | None] = [None] * len(predictions)
+    if thinking:
+        reasoning, predictions = (list(part) for part in zip(*map(split_thinking, predictions))) \
+            if predictions else ([], [])
     by_metric: dict[str, list[int]] = {}
     for i, sample in enumerate(task.samples):
         by_metric.setdefault(sample.metric, []).append(i)
@@ -217,8 +228,10 @@ def score_task(task: Task, predictions: list[str], textbook: bool) -> tuple[list
             breakdown.append({"dataset": task.name, "group": group, **_figures(run(metric, indices))})
 
     lines = []
-    for sample, prediction, record, value in zip(task.samples, predictions, records, scores):
+    for sample, prediction, record, value, thought in zip(task.samples, predictions, records, scores, reasoning):
         line = {"dataset": task.name, "id": sample.id, "question": sample.question, "prediction": prediction}
+        if thinking:
+            line["reasoning"] = thought
         if "answers" in record:
             line["references"] = record["answers"]
         else:
@@ -320,6 +333,11 @@ def run(args, info, model_path: str, label: str, tasks: list[Task], out_dir: str
     tokenizer = load_tokenizer(model_path, trust_remote_code=args.trust_remote_code)
     model = InternVLChatModel.from_pretrained(model_path, torch_dtype=dtype, allow_pickle=args.allow_pickle)
     model = model.to(device).eval()
+    if args.thinking:
+        from internvl_chat.data.templates import thinking_system_message
+        from internvl_chat.inference import chat_template
+
+        model.system_message = thinking_system_message(chat_template(model))
     if not args.dynamic and getattr(model.config, "dynamic_image_size", False):
         say("note: the model was trained with dynamic tiling; the official eval docs say to pass --dynamic "
             "(without it every image is one tile)")
@@ -342,7 +360,7 @@ def run(args, info, model_path: str, label: str, tasks: list[Task], out_dir: str
                                **task.info}
         if main_rank:
             try:
-                lines, task_rows, task_breakdown = score_task(task, answers, args.textbook)
+                lines, task_rows, task_breakdown = score_task(task, answers, args.textbook, args.thinking)
             except UsageError as err:
                 print(f"eval/evaluate.py: error: {err}", file=sys.stderr)
                 return 2
@@ -355,7 +373,8 @@ def run(args, info, model_path: str, label: str, tasks: list[Task], out_dir: str
         summary = {
             "model": model_path, "dataset": label, "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "n": len(all_lines), "results": rows, "breakdown": breakdown,
-            "settings": {"dynamic": args.dynamic, "textbook": args.textbook, "world_size": info.world_size,
+            "settings": {"dynamic": args.dynamic, "textbook": args.textbook, "thinking": args.thinking,
+                         "world_size": info.world_size,
                          "dtype": str(dtype).replace("torch.", ""), "device": device.type,
                          "limit": args.limit, "tasks": settings},
             "seconds": round(time.monotonic() - start, 1),

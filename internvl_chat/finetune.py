@@ -30,6 +30,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
+from .data.collator import default_loss_reduction
 from .distributed import barrier, dist_info, setup_environment
 from .train.arguments import DataTrainingArguments, ModelArguments, TrainingArguments
 
@@ -127,7 +128,7 @@ def read_flags(argv: list[str] | None) -> Flags:
     if len(argv) == 1 and argv[0].endswith(".json"):
         given = _read_json_args(parser, os.path.abspath(argv[0]))
         defaults = vars(parser.parse_known_args([])[0])  # the same values as the command line would give
-        return Flags(parser, {**defaults, **given}, None)
+        return Flags(parser, _resolved({**defaults, **given}), None)
     renamed = []
     for arg in argv:
         flag, eq, value = arg.partition("=")
@@ -138,7 +139,15 @@ def read_flags(argv: list[str] | None) -> Flags:
         if not unknown:
             raise UserError(f"unexpected arguments {' '.join(rest)} (every value follows its --flag)")
         raise UserError(unknown_flags_message(unknown, parser))
-    return Flags(parser, vars(namespace), renamed)
+    return Flags(parser, _resolved(vars(namespace)), renamed)
+
+
+def _resolved(values: dict) -> dict:
+    """``values`` with ``auto`` settings as the argument classes resolve them, for the early checks and the run
+    folder's record."""
+    if values.get("loss_reduction") == "auto":
+        values["loss_reduction"] = default_loss_reduction(values.get("conv_style"))
+    return values
 
 
 def parse_args(argv: list[str] | None, early_check=None):
@@ -186,6 +195,44 @@ def check_model_dir(values: dict) -> None:
             raise UserError(str(exc) if isinstance(exc, PartsError) else f"--mlp_path: {exc!r}") from None
 
 
+ROUTER_FLAGS = ("router_aux_loss_coef", "output_router_logits")
+
+
+def check_router_flags(values: dict) -> None:
+    """--router_aux_loss_coef / --output_router_logits are for an MoE LLM (configuration.MOE_BLOCKS) only."""
+    given = [name for name in ROUTER_FLAGS if values.get(name) is not None]
+    if not given:
+        return
+    from .model.configuration import MOE_BLOCKS
+
+    coef = values.get("router_aux_loss_coef")
+    if coef is not None and not coef >= 0:  # NaN included
+        raise UserError(f"--router_aux_loss_coef must be >= 0, got {coef}")
+    try:
+        if values.get("model_name_or_path"):
+            with open(os.path.join(values["model_name_or_path"], "config.json"), encoding="utf-8") as handle:
+                llm_config = json.load(handle)["llm_config"]
+        else:
+            from .model.parts import llm_config_of
+
+            llm_config = llm_config_of(values["llm_path"])
+        arch = (llm_config.get("architectures") or [None])[0]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"--{given[0]}: the LLM config cannot be read ({exc!r})") from None
+    if arch not in MOE_BLOCKS:
+        raise UserError(f"--{given[0]} is for a mixture-of-experts LLM ({', '.join(sorted(MOE_BLOCKS))}); this "
+                        f"model's LLM {arch} is not a mixture-of-experts model and has no router")
+
+
+def apply_router_flags(model, model_args: ModelArguments) -> None:
+    """The router flags over the checkpoint's llm_config: read by the training forward, saved in config.json."""
+    for name in ROUTER_FLAGS:
+        value = getattr(model_args, name)
+        if value is not None:
+            for config in {id(c): c for c in (model.config.llm_config, model.language_model.config)}.values():
+                setattr(config, name, value)
+
+
 def model_inputs(values: dict) -> list[str]:
     """What the model is read from: the chat checkpoint, or the parts of a new one."""
     if values.get("model_name_or_path"):
@@ -216,6 +263,7 @@ def early_checks(values: dict, prescan: bool = True) -> Early:
     from .train.run_folder import RunFolderError, decide, in_use_message, lock_holder, resolve_settings
 
     check_model_dir(values)
+    check_router_flags(values)
     entries, annotations = check_meta(values.get("meta_path"))
     data_summary = prescan_for_training(values, entries, annotations) if prescan else None
     eval_specs = load_eval_specs(values["eval_meta_path"], values.get("eval_max_samples", 64)) \
@@ -275,7 +323,7 @@ def check_meta(meta_path: str | None) -> tuple[list, list]:
     annotations = []
     for entry in entries:
         try:
-            annotations.append(index_annotation(entry.annotation))
+            annotations.append(index_annotation(entry.annotation, hash_files=True))  # run_folder reuses the hash
         except (OSError, DataError) as exc:
             raise UserError(f"{entry.where()}: annotation file {entry.annotation} cannot be read: {exc}") from exc
         samples_per_epoch(entry, annotations[-1].num_records)
@@ -381,6 +429,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
     if model_args.mlp_path:  # safetensors (tools/extract_mlp.py); the official .pth only with --allow_pickle
         load_projector(model, model_args.mlp_path, model_args.allow_pickle)
     model.language_model.config.use_cache = False
+    apply_router_flags(model, model_args)
     return model, tokenizer
 
 
@@ -459,6 +508,31 @@ def apply_trainability(model, model_args: ModelArguments):
         model.set_vision_gradient_checkpointing(True)
     logger.info("%s", format_plan(model, plan))
     return plan
+
+
+def mark_moe_blocks_for_zero3(model) -> list[str]:
+    """Under DeepSpeed ZeRO-3, make each MoE block of the LLM one ZeRO-3 leaf (configuration.MOE_BLOCKS).
+
+    ZeRO-3 gathers a module's weights when the module runs. Experts that run only when tokens reach them (per-expert
+    modules, as in transformers 4 and the official remote code) make ranks that route differently issue different
+    gathers: a hang. As a leaf, the whole block (router and every expert) is gathered on entry on every rank.
+    transformers 5 fuses the experts into one module that always runs, and DeepSpeed 0.19 marks Qwen3-MoE's block
+    by default (not GPT-OSS's; a config's `zero_optimization.leaf_module` replaces that list), so this keeps the
+    guarantee whatever the versions. Must run before `deepspeed.initialize` (the Trainer's) installs the hooks;
+    returns the block class names marked.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from .model.configuration import MOE_BLOCKS, llm_family
+
+    block = MOE_BLOCKS.get(llm_family(model.config.llm_config))
+    if block is None or not is_deepspeed_zero3_enabled():
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    marked = set_z3_leaf_modules(model.language_model, [block])
+    logger.info("ZeRO-3: %d %s blocks gathered whole (leaf modules)", len(marked), block)
+    return [block]
 
 
 def keep_fp32_master_weights(model, model_args: ModelArguments, training_args: TrainingArguments) -> torch.dtype | None:
@@ -636,6 +710,7 @@ def train(early: Early, model_args: ModelArguments, data_args: DataTrainingArgum
         if eval_specs else None
     plan = apply_trainability(model, model_args)
     run_dtype = keep_fp32_master_weights(model, model_args, training_args)
+    mark_moe_blocks_for_zero3(model)
     logger.info("\n%s", start_summary(model_args, data_args, training_args, dataset, plan))
 
     trainer = InternVLTrainer(

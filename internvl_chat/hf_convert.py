@@ -3,8 +3,9 @@
 `to_hf` renames the weights (vision tower with q/k/v split, layer scales, projector, LLM under
 `model.language_model`), writes an `InternVLConfig` and the processor files; `from_hf` is the exact inverse.
 Every tensor is copied or sliced/concatenated, never recomputed, so `to_hf` then `from_hf` gives back the same
-safetensors keys and bytes. InternLM2 LLMs become Llama (the grouped `wqkv` de-interleaved into q/k/v); the export
-keeps the whole official `config.json` under `SOURCE_CONFIG_KEY`, which is what lets `from_hf` give InternLM2 back.
+safetensors keys and bytes. InternLM2 LLMs become Llama (the grouped `wqkv` de-interleaved into q/k/v), InternLM3
+ones a Llama text config over the same weights; the export keeps the whole official `config.json` under
+`SOURCE_CONFIG_KEY`, which is what lets `from_hf` give InternLM2 and InternLM3 back.
 
 What the native class cannot express is refused before anything is written (`UnsupportedModelError`, one reason
 each): pixel shuffle v1, an InternViT qk-norm eps other than the native fixed 1e-6, a tile size other than the
@@ -53,10 +54,15 @@ NATIVE_LLM = {
     # same key names both sides; MoE experts stay per expert on disk in both layouts
     "Qwen3ForCausalLM": "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM": "Qwen3MoeForCausalLM",
+    # InternVL3-9B: the official InternLM3 code already uses Llama's key names; only the config becomes a LlamaConfig
+    "InternLM3ForCausalLM": "LlamaForCausalLM",
+    # fused experts, sinks and router under the same names both sides
+    "GptOssForCausalLM": "GptOssForCausalLM",
 }
 # native text model_type -> official architecture, for a native checkpoint whose text config names no class
 _OFFICIAL_ARCH_OF_TYPE = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM",
-                          "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                          "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                          "gpt_oss": "GptOssForCausalLM"}
 NATIVE_QK_NORM_EPS = 1e-6  # InternVLVisionAttention builds q_norm/k_norm with the RMSNorm default eps
 
 
@@ -347,12 +353,19 @@ def hf_to_official_state_dict(state: dict[str, torch.Tensor], config: dict[str, 
 # configs
 # --------------------------------------------------------------------------------------------------------------
 def _text_config(llm: dict[str, Any]) -> dict[str, Any]:
-    """The LLM config as transformers 5 reads it (InternLM2 as the equivalent LlamaConfig)."""
+    """The LLM config as transformers 5 reads it (InternLM2 and InternLM3 as the equivalent LlamaConfig)."""
+    from transformers import LlamaConfig
+
     from .model.internlm2 import internlm2_to_llama_config
 
     config = _llm_config_object(llm)
     if llm["architectures"][0] == "InternLM2ForCausalLM":
         config = internlm2_to_llama_config(config)
+    elif llm["architectures"][0] == "InternLM3ForCausalLM":
+        # InternLM3Config holds Llama's fields (qkv_bias / bias read as attention_bias / mlp_bias): the native
+        # InternVL builds its text model from model_type, which must be "llama"
+        config = LlamaConfig(**{k: v for k, v in config.to_dict().items()
+                                if k not in ("model_type", "transformers_version")})
     text = config.to_dict()
     for key in ("attn_implementation", "_attn_implementation_internal", "transformers_version", "_name_or_path",
                 "use_flash_attn", "auto_map"):
@@ -434,6 +447,11 @@ _NATIVE_ONLY_TEXT_KEYS = ("id2label", "label2id", "problem_type", "return_dict",
 
 
 def _template_for(arch: str) -> str:
+    """The official template of a family, for a native checkpoint that does not carry its source config."""
+    from .data.templates import TEMPLATE_NAMES
+
+    if arch == "GptOssForCausalLM" and "internvl3_5_gpt_oss" in TEMPLATE_NAMES:  # harmony, once registered
+        return "internvl3_5_gpt_oss"
     return {"Phi3ForCausalLM": "phi3-chat", "InternLM2ForCausalLM": "internlm2-chat"}.get(arch, "internvl2_5")
 
 

@@ -24,6 +24,7 @@ from .data.config import image_tile_range
 from .data.media import DEFAULT_MAX_IMAGE_PIXELS
 from .data.templates import Template, get_template
 from .data.transforms import image_to_tiles, load_image, normalize_tiles
+from .model.configuration import chat_keeps_special_tokens
 
 
 def load_image_tiles(
@@ -159,8 +160,14 @@ def answer_prompts(model, tokenizer, pixel_values, prompts: list[str], generatio
         attention_mask=inputs["attention_mask"].to(device),
         **generation_kwargs(template, tokenizer, generation_config),
     )
-    stop = template.stop_str
-    return [text.split(stop)[0].strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+    decoded = tokenizer.batch_decode(output, skip_special_tokens=skips_special_tokens(model, template))
+    return [template.reply_text(text) for text in decoded]
+
+
+def skips_special_tokens(model, template: Template) -> bool:
+    """Whether replies are decoded without special tokens: as the official chat() of the model's generation does
+    (InternVL3.5's keeps them), and never for the harmony template, whose header is parsed out of them."""
+    return template.skip_special_tokens and not chat_keeps_special_tokens(model.config.llm_config)
 
 
 def chat(

@@ -62,8 +62,9 @@ def _literal(text: str) -> str:
 
 
 def _pieces(template: Template, role: str, text: str | None, system: str) -> tuple[str, str]:
-    """The text before and after a message's content, as ``template`` renders it (system block excluded)."""
-    groups = template.chunk_groups([(role, text)], system_message=system)
+    """The text before and after a message's content, as ``template`` renders it in a conversation that goes on
+    (system block excluded): a harmony reply ends with ``<|end|>``, as past replies do in a chat prompt."""
+    groups = template.chunk_groups([(role, text), (template.roles[0], "")], system_message=system)
     rendered = "".join(chunk for chunk, _ in groups[1])
     if text is None:
         return rendered, ""

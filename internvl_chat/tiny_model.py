@@ -2,7 +2,8 @@
 
 The geometry is the real one (448-px tiles, patch 14, pixel shuffle 0.5 -> 256 image tokens per tile), only the
 widths and depths are tiny, so every code path that depends on token counts runs as it would on a real model.
-Output is deterministic for a seed: the same command writes byte-identical files.
+Output is deterministic for a seed: the same command writes byte-identical files. `synthetic_batch` makes
+matching training batches from random ids.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 
 import torch
 
+from .constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from .data.collator import DataCollator, pop_trainer_keys
+from .data.packing import PackedCollator
 from .model import InternVisionConfig, InternVLChatConfig, InternVLChatModel
 from .model.configuration import llm_classes
 from .serving import write_serving_files
@@ -28,8 +32,8 @@ LLM_PRESETS: dict[str, tuple[str, str, str]] = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen2", "internvl2_5"),
     # InternVL3-9B: InternLM3's tokenizer is sentencepiece with InternLM2's chat tokens; the tiny one reuses that
     "internlm3": ("InternLM3ForCausalLM", "internlm2", "internvl2_5"),
-    # InternVL3.5-GPT-OSS: internvl2_5 until the GPT-OSS (harmony) template exists; the tokenizer has its tokens
-    "gpt_oss": ("GptOssForCausalLM", "gpt_oss", "internvl2_5"),
+    # InternVL3.5-GPT-OSS: the harmony template; the tokenizer has its tokens
+    "gpt_oss": ("GptOssForCausalLM", "gpt_oss", "internvl3_5_gpt_oss"),
 }
 
 VIT_STYLES: dict[str, dict[str, Any]] = {
@@ -174,3 +178,70 @@ def make_tiny_model(
         + "\n"
     )
     return out
+
+
+# Ordinary-text ids in every tiny tokenizer: the learnt vocabularies hold 1,400 ids, InternLM2's placeholder chat
+# tokens start at 1,389 and the lowest ids are control pieces in the sentencepiece ones.
+SYNTHETIC_TEXT_IDS = (10, 1380)
+
+
+def synthetic_items(
+    tokenizer,
+    layout: list[tuple[int, int, int]],
+    seed: int = 0,
+    image_size: int = 448,
+    float_pixels: bool = False,
+    text_ids: tuple[int, int] = SYNTHETIC_TEXT_IDS,
+) -> list[dict[str, Any]]:
+    """Dataset items as the collators take them, built from random ids: for tests and benchmarks that need a
+    training batch for a tiny model without data files or tokenizing text.
+
+    `layout` gives (tiles, prompt tokens, answer tokens) per item: half the prompt, an `<img>` block of
+    `tiles` x (image_size / 28)^2 context tokens (patch 14, pixel shuffle 0.5), the rest of the prompt, then the
+    answer, the only supervised tokens. A text-only item (0 tiles) carries one flag-0 tile, as the dataset's do.
+    Tiles are uint8 channels-last, as data workers ship them, or with `float_pixels` normalised float
+    [n, 3, S, S] (for models without the uint8 path, such as the native export). One generator seeded with `seed`
+    draws every item in turn, so the items depend on the seed and on the items before them.
+    """
+    start, end, context = tokenizer.convert_tokens_to_ids([IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN])
+    gen = torch.Generator().manual_seed(seed)
+    tile_tokens = (image_size // 28) ** 2
+    text = lambda n: torch.randint(*text_ids, (n,), generator=gen)  # noqa: E731
+    items = []
+    for index, (tiles, prompt, answer) in enumerate(layout):
+        parts = [text(prompt // 2)]
+        if tiles:
+            parts.append(torch.tensor([start] + [context] * (tile_tokens * tiles) + [end]))
+        parts += [text(prompt - prompt // 2), text(answer)]
+        input_ids = torch.cat(parts)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[len(input_ids) - answer:] = input_ids[len(input_ids) - answer:]
+        n = max(tiles, 1)
+        if float_pixels:
+            pixel_values = torch.randn((n, 3, image_size, image_size), generator=gen).clamp(-2, 2)
+        else:
+            pixel_values = torch.randint(0, 256, (n, image_size, image_size, 3), generator=gen, dtype=torch.uint8)
+        items.append({
+            "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values,
+            "image_flags": torch.full((n,), 1 if tiles else 0, dtype=torch.long), "num_supervised": answer,
+            "sample_id": f"synthetic:{index}",
+        })
+    return items
+
+
+def synthetic_batch(
+    tokenizer,
+    layout: list[tuple[int, int, int]],
+    packed: bool = False,
+    loss_reduction: str = "token",
+    **item_options: Any,
+) -> dict[str, Any]:
+    """`synthetic_items` collated into one right-padded batch, or with `packed` one packed row, without the
+    trainer's bookkeeping keys: what the model's forward takes."""
+    items = synthetic_items(tokenizer, layout, **item_options)
+    if packed:
+        batch = PackedCollator(tokenizer.pad_token_id, loss_reduction=loss_reduction)([items])
+    else:
+        batch = DataCollator(tokenizer.pad_token_id, loss_reduction=loss_reduction)(items)
+    pop_trainer_keys(batch)
+    return batch

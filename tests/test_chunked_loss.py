@@ -4,12 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from internvl_chat.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl_chat.data.collator import DataCollator, pop_trainer_keys
-from internvl_chat.data.packing import PackedCollator
-from internvl_chat.model import InternVLChatModel, load_tokenizer
+from internvl_chat.constants import IGNORE_INDEX
 from internvl_chat.model.loss import causal_lm_loss, chunk_rows, supervised_lm_loss
-from internvl_chat.tiny_model import make_tiny_model
+from internvl_chat.tiny_model import make_tiny_model, synthetic_batch
+from tests.conftest import assert_same_loss_and_grads, forward_backward, load_chat_model
 
 # ------------------------------------------------------------------------------------------------ the function
 
@@ -110,64 +108,25 @@ def tiny(tmp_path_factory):
     return {llm: make_tiny_model(root / llm, llm=llm, seed=5) for llm in ("qwen2", "internlm2")}
 
 
-def _items(tok):
-    """Three samples: two tiles, text only, one tile; prompts and image tokens unsupervised."""
-    start, end, ctx = tok.convert_tokens_to_ids([IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN])
-    gen = torch.Generator().manual_seed(0)
-    items = []
-    for n_tiles, n_prompt, n_answer in ((2, 6, 11), (0, 17, 9), (1, 4, 5)):
-        text = lambda n: torch.randint(3, 1380, (n,), generator=gen)  # noqa: E731
-        block = [torch.tensor([start] + [ctx] * 256 * n_tiles + [end])] if n_tiles else []
-        ids = torch.cat([text(n_prompt), *block, text(3), text(n_answer)])
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        labels[-n_answer:] = ids[-n_answer:]
-        items.append({
-            "input_ids": ids, "labels": labels,
-            "pixel_values": torch.randint(0, 256, (max(n_tiles, 1), 448, 448, 3), generator=gen, dtype=torch.uint8),
-            "image_flags": torch.tensor([1] * n_tiles if n_tiles else [0]),
-            "num_supervised": n_answer, "sample_id": f"synthetic:{n_prompt}",
-        })
-    return items
-
-
-def _run(model, batch, **kwargs):
-    batch = dict(batch)
-    pop_trainer_keys(batch)
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, **kwargs)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out, grads
-
-
-def _assert_same(got, ref, what):
-    (loss, grads), (ref_loss, ref_grads) = got, ref
-    torch.testing.assert_close(loss.loss, ref_loss.loss, atol=1e-6, rtol=1e-5, msg=f"{what}: loss")
-    assert grads.keys() == ref_grads.keys(), what
-    for key in ref_grads:
-        torch.testing.assert_close(grads[key], ref_grads[key], atol=2e-6, rtol=1e-4,
-                                   msg=lambda m, key=key: f"{what}: grad of {key}\n{m}")
+# two tiles, text only, one tile (tiles, prompt, answer tokens); prompts and image tokens unsupervised
+LAYOUT = [(2, 9, 11), (0, 20, 9), (1, 7, 5)]
 
 
 @pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
 def test_model_training_forward_uses_supervised_positions_only(tiny, llm):
-    model = InternVLChatModel.from_pretrained(tiny[llm]).train()
-    tok = load_tokenizer(tiny[llm])
-    model.img_context_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    items = _items(tok)
+    model, tok = load_chat_model(tiny[llm])
+    model.train()
     reductions = ("token", "square") if llm == "qwen2" else ("token",)
     for reduction in reductions:
-        batches = {"padded": DataCollator(tok.pad_token_id, loss_reduction=reduction)(items),
-                   "packed": PackedCollator(tok.pad_token_id, loss_reduction=reduction)([items])}
-        for layout, batch in batches.items():
-            ref = _run(model, batch, return_logits=True)
-            got = _run(model, batch)
+        for layout in ("padded", "packed"):
+            batch = synthetic_batch(tok, LAYOUT, packed=layout == "packed", loss_reduction=reduction)
+            ref = forward_backward(model, batch, return_logits=True)
+            got = forward_backward(model, batch)
             assert got[0].logits is None and ref[0].logits is not None  # the default never builds full logits
             assert "language_model.lm_head.weight" in got[1] or "language_model.output.weight" in got[1]
-            _assert_same(got, ref, f"{llm} {reduction} {layout}")
+            assert_same_loss_and_grads(got, ref, f"{llm} {reduction} {layout}")
     model.eval()  # eval mode keeps the official output (logits) unless asked otherwise
-    batch = DataCollator(tok.pad_token_id)(items)
-    pop_trainer_keys(batch)
+    batch = synthetic_batch(tok, LAYOUT)
     with torch.no_grad():
         full, short = model(**batch), model(**batch, return_logits=False)
     assert full.logits is not None and short.logits is None
@@ -175,15 +134,13 @@ def test_model_training_forward_uses_supervised_positions_only(tiny, llm):
 
 
 def test_model_with_llm_lora(tiny):
-    model = InternVLChatModel.from_pretrained(tiny["qwen2"])
-    tok = load_tokenizer(tiny["qwen2"])
-    model.img_context_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    model, tok = load_chat_model(tiny["qwen2"])
     model.wrap_llm_lora(r=4, lora_dropout=0.0)  # no dropout: both forwards see the same adapters
     for name, p in model.named_parameters():  # peft initialises B to zero: make the adapters matter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     model.train()
-    batch = PackedCollator(tok.pad_token_id, loss_reduction="sample")([_items(tok)])
-    ref, got = _run(model, batch, return_logits=True), _run(model, batch)
+    batch = synthetic_batch(tok, LAYOUT, packed=True, loss_reduction="sample")
+    ref, got = forward_backward(model, batch, return_logits=True), forward_backward(model, batch)
     assert any("lora_A" in k for k in got[1])
-    _assert_same(got, ref, "qwen2 LoRA packed sample")
+    assert_same_loss_and_grads(got, ref, "qwen2 LoRA packed sample")

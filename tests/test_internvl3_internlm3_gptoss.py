@@ -9,20 +9,17 @@ targets; cached generation equals a greedy loop over full forwards (sliding-wind
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from internvl_chat.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl_chat.data.collator import DataCollator, pop_trainer_keys
-from internvl_chat.data.packing import PackedCollator
-from internvl_chat.model import InternVLChatModel, load_tokenizer
+from internvl_chat.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl_chat.model.modeling import LLM_LORA_TARGETS
-from internvl_chat.tiny_model import make_tiny_model
+from internvl_chat.tiny_model import make_tiny_model, synthetic_batch
+from tests.conftest import (assert_same_loss_and_grads, forward_backward, load_chat_model, load_tool,
+                            read_safetensors)
 from internvl_chat.tiny_tokenizer import GPT_OSS_HARMONY_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,33 +46,11 @@ LAYER0 = {
 }
 
 
-def _make_tiny_tool():
-    spec = importlib.util.spec_from_file_location("_tools_make_tiny_model", REPO / "tools" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("internvl3")
-    assert _make_tiny_tool().main([str(root / "gpt_oss"), "--llm", "gpt_oss", "--seed", "5"]) == 0  # the tool
+    assert load_tool("make_tiny_model").main([str(root / "gpt_oss"), "--llm", "gpt_oss", "--seed", "5"]) == 0  # the tool
     return {"internlm3": make_tiny_model(root / "internlm3", llm="internlm3", seed=6), "gpt_oss": root / "gpt_oss"}
-
-
-def _read(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
-def _load(path, **kwargs) -> tuple[InternVLChatModel, object]:
-    model = InternVLChatModel.from_pretrained(path, **kwargs)
-    tok = load_tokenizer(path)
-    model.img_context_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    return model, tok
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -83,7 +58,7 @@ def _load(path, **kwargs) -> tuple[InternVLChatModel, object]:
 
 @pytest.mark.parametrize("llm", FAMILIES)
 def test_official_key_names_and_bit_identical_round_trip(tiny, llm, tmp_path):
-    weights = _read(tiny[llm])
+    weights = read_safetensors(tiny[llm])
     prefix = "language_model.model.layers.0."
     layer0 = {k.removeprefix(prefix): tuple(v.shape) for k, v in weights.items() if k.startswith(prefix)}
     assert layer0 == LAYER0[llm]
@@ -100,11 +75,11 @@ def test_official_key_names_and_bit_identical_round_trip(tiny, llm, tmp_path):
         assert llm_config["layer_types"] == ["sliding_attention", "full_attention"]
         assert llm_config["rope_scaling"]["rope_type"] == "yarn" and llm_config["experts_per_token"] == 2
 
-    model, _ = _load(tiny[llm])
+    model, _ = load_chat_model(tiny[llm])
     state = model.state_dict()
     assert state.keys() == weights.keys()
     model.save_pretrained(tmp_path)
-    again = _read(tmp_path)
+    again = read_safetensors(tmp_path)
     assert again.keys() == weights.keys()
     for k, v in weights.items():
         assert v.dtype == again[k].dtype == state[k].dtype and torch.equal(v, again[k]) and torch.equal(v, state[k]), k
@@ -113,7 +88,7 @@ def test_official_key_names_and_bit_identical_round_trip(tiny, llm, tmp_path):
 
 def test_gpt_oss_attention_keeps_its_sinks(tiny):
     """SDPA would drop the sinks silently: GPT-OSS runs eager whatever backend the chat model is given."""
-    model, tok = _load(tiny["gpt_oss"], attn_implementation="sdpa")
+    model, tok = load_chat_model(tiny["gpt_oss"], attn_implementation="sdpa")
     assert model.language_model.config._attn_implementation == "eager"
     assert model.vision_model.config._attn_implementation == "sdpa"
     ids = torch.tensor([tok("Describe this image in detail.")["input_ids"]])
@@ -137,64 +112,28 @@ def test_gpt_oss_attention_keeps_its_sinks(tiny):
 
 def _batch(tok, packed: bool = False):
     """A padded (or packed) batch of two samples: one tile, and text only (one flag-0 tile); answers supervised."""
-    start, end, ctx = tok.convert_tokens_to_ids([IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN])
-    gen = torch.Generator().manual_seed(0)
-    items = []
-    for n_tiles, n_prompt, n_answer in ((1, 6, 11), (0, 17, 9)):
-        text = lambda n: torch.randint(3, 1380, (n,), generator=gen)  # noqa: E731
-        block = [torch.tensor([start] + [ctx] * 256 * n_tiles + [end])] if n_tiles else []
-        ids = torch.cat([text(n_prompt), *block, text(3), text(n_answer)])
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        labels[-n_answer:] = ids[-n_answer:]
-        items.append({
-            "input_ids": ids, "labels": labels,
-            "pixel_values": torch.randint(0, 256, (max(n_tiles, 1), 448, 448, 3), generator=gen, dtype=torch.uint8),
-            "image_flags": torch.tensor([1] * n_tiles if n_tiles else [0]),
-            "num_supervised": n_answer, "sample_id": f"synthetic:{n_prompt}",
-        })
-    if packed:
-        batch = PackedCollator(tok.pad_token_id, loss_reduction="square")([items])
-    else:
-        batch = DataCollator(tok.pad_token_id, loss_reduction="square")(items)
-    pop_trainer_keys(batch)
-    return batch
-
-
-def _run(model, batch, **kwargs):
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, **kwargs)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(got, ref, what):
-    (out, grads), (ref_out, ref_grads) = got, ref
-    torch.testing.assert_close(out.loss, ref_out.loss, atol=1e-6, rtol=1e-5, msg=f"{what}: loss")
-    assert grads.keys() == ref_grads.keys(), what
-    for key in ref_grads:
-        torch.testing.assert_close(grads[key], ref_grads[key], atol=2e-6, rtol=1e-4,
-                                   msg=lambda m, key=key: f"{what}: grad of {key}\n{m}")
+    return synthetic_batch(tok, [(1, 9, 11), (0, 20, 9)], packed=packed, loss_reduction="square")
 
 
 @pytest.mark.parametrize("llm", FAMILIES)
 def test_chunked_loss_equals_full_logits_loss(tiny, llm):
-    model, tok = _load(tiny[llm])
+    model, tok = load_chat_model(tiny[llm])
     model.train()
     batch = _batch(tok)
-    ref = _run(model, batch, return_logits=True)
-    got = _run(model, batch)
+    ref = forward_backward(model, batch, return_logits=True)
+    got = forward_backward(model, batch)
     assert got[0].logits is None and ref[0].logits is not None
     assert torch.isfinite(got[0].loss) and got[0].loss > 0
     assert any(k.startswith("vision_model.") for k in got[1]) and "mlp1.1.weight" in got[1]
     if llm == "gpt_oss":  # the router aux loss is in both paths
         torch.testing.assert_close(got[0].aux_loss, ref[0].aux_loss)
-    _assert_same(got, ref, llm)
+    assert_same_loss_and_grads(got, ref, llm)
 
 
 @pytest.mark.parametrize("llm", ["internlm3", "gpt_oss"])
 def test_packed_equals_padded(tiny, llm):
     """GPT-OSS: transformers builds its masks without the position ids; the chat model passes packed masks."""
-    model, tok = _load(tiny[llm])
+    model, tok = load_chat_model(tiny[llm])
     model.eval()
     with torch.no_grad():
         padded, packed = model(**_batch(tok)).loss, model(**_batch(tok, packed=True)).loss
@@ -204,16 +143,16 @@ def test_packed_equals_padded(tiny, llm):
 def test_gpt_oss_aux_loss_experts_router_and_sinks_learn(tiny):
     from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
 
-    model, tok = _load(tiny["gpt_oss"])
+    model, tok = load_chat_model(tiny["gpt_oss"])
     model.train()
     cfg = model.config.llm_config
     batch = _batch(tok)
-    out, grads = _run(model, batch)
+    out, grads = forward_backward(model, batch)
     expected = load_balancing_loss_func(out.router_logits, 4, 2, batch["attention_mask"])
     torch.testing.assert_close(out.aux_loss, expected)
     assert len(out.router_logits) == cfg.num_hidden_layers and out.aux_loss > 0
     cfg.output_router_logits = False  # off: the plain LM loss, no aux
-    plain, _ = _run(model, batch)
+    plain, _ = forward_backward(model, batch)
     torch.testing.assert_close(out.loss - plain.loss, cfg.router_aux_loss_coef * out.aux_loss, atol=1e-6, rtol=1e-5)
     for layer in range(cfg.num_hidden_layers):
         prefix = f"language_model.model.layers.{layer}."
@@ -232,7 +171,7 @@ def test_gpt_oss_aux_loss_experts_router_and_sinks_learn(tiny):
 
 @pytest.mark.parametrize("llm", FAMILIES)
 def test_llm_lora(tiny, llm):
-    model, tok = _load(tiny[llm])
+    model, tok = load_chat_model(tiny[llm])
     model.wrap_llm_lora(r=4, lora_dropout=0.0)
     wrapped = {n.split(".layers.0.", 1)[1].rsplit(".lora_A", 1)[0]
                for n, _ in model.named_modules() if ".layers.0." in n and n.endswith(".lora_A")}
@@ -244,14 +183,14 @@ def test_llm_lora(tiny, llm):
             torch.nn.init.normal_(p, std=0.02)
     model.train()
     batch = _batch(tok)
-    ref, got = _run(model, batch, return_logits=True), _run(model, batch)
+    ref, got = forward_backward(model, batch, return_logits=True), forward_backward(model, batch)
     assert any("lora_A" in k for k in got[1])
-    _assert_same(got, ref, f"{llm} LoRA")
+    assert_same_loss_and_grads(got, ref, f"{llm} LoRA")
 
 
 @pytest.mark.parametrize("llm", FAMILIES)
 def test_cached_generation_equals_greedy_full_forwards(tiny, llm):
-    model, tok = _load(tiny[llm])
+    model, tok = load_chat_model(tiny[llm])
     model.eval()
     tile = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
     prompt = "<|im_start|>user\n" + IMG_START_TOKEN + IMG_CONTEXT_TOKEN * model.num_image_token + IMG_END_TOKEN

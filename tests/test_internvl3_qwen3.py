@@ -8,59 +8,34 @@ LoRA, chat and the export to the native layout work as for the older families.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from internvl_chat.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl_chat.data.collator import DataCollator, pop_trainer_keys
-from internvl_chat.data.packing import PackedCollator
-from internvl_chat.model import InternVLChatModel, load_tokenizer
+from internvl_chat.model import InternVLChatModel
 from internvl_chat.model.modeling import LLM_LORA_TARGETS
-from internvl_chat.tiny_model import make_tiny_model
+from internvl_chat.tiny_model import make_tiny_model, synthetic_batch
+from tests.conftest import (assert_same_loss_and_grads, forward_backward, load_chat_model, load_tool,
+                            read_safetensors)
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["qwen3", "qwen3_moe"]
 
 
-def _make_tiny_tool():
-    spec = importlib.util.spec_from_file_location("_tools_make_tiny_model", REPO / "tools" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3")
-    assert _make_tiny_tool().main([str(root / "qwen3"), "--llm", "qwen3", "--seed", "3"]) == 0  # the tool takes it
+    assert load_tool("make_tiny_model").main([str(root / "qwen3"), "--llm", "qwen3", "--seed", "3"]) == 0  # the tool takes it
     return {"qwen3": root / "qwen3", "qwen3_moe": make_tiny_model(root / "qwen3_moe", llm="qwen3_moe", seed=4)}
-
-
-def _read(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
-def _load(path, **kwargs) -> tuple[InternVLChatModel, object]:
-    model = InternVLChatModel.from_pretrained(path, **kwargs)
-    tok = load_tokenizer(path)
-    model.img_context_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    return model, tok
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
 def test_official_key_names_and_bit_identical_round_trip(tiny, tmp_path):
-    moe = _read(tiny["qwen3_moe"])
+    moe = read_safetensors(tiny["qwen3_moe"])
     layer = "language_model.model.layers.1."
     for key in ["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
                 layer + "self_attn.q_norm.weight", layer + "self_attn.k_norm.weight", layer + "mlp.gate.weight",
@@ -68,7 +43,7 @@ def test_official_key_names_and_bit_identical_round_trip(tiny, tmp_path):
                 layer + "mlp.experts.2.down_proj.weight"]:
         assert key in moe, key
     assert not any("gate_up_proj" in k or k.endswith(("experts.down_proj", "experts.gate_up_proj")) for k in moe)
-    dense = _read(tiny["qwen3"])
+    dense = read_safetensors(tiny["qwen3"])
     assert dense[layer + "self_attn.q_proj.weight"].shape == (128, 64)  # head_dim 32 x 4 heads, hidden 64
     assert layer + "mlp.gate_proj.weight" in dense and layer + "self_attn.q_norm.weight" in dense
     config = json.loads((tiny["qwen3"] / "config.json").read_text())
@@ -76,17 +51,17 @@ def test_official_key_names_and_bit_identical_round_trip(tiny, tmp_path):
     assert "rope_theta" in config["llm_config"]
 
     for llm in FAMILIES:
-        model, _ = _load(tiny[llm])
+        model, _ = load_chat_model(tiny[llm])
         out = tmp_path / llm
         model.save_pretrained(out)
-        a, b = _read(tiny[llm]), _read(out)
+        a, b = read_safetensors(tiny[llm]), read_safetensors(out)
         assert a.keys() == b.keys(), llm
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
         assert json.loads((tiny[llm] / "config.json").read_text()) == json.loads((out / "config.json").read_text())
 
     # in memory the experts are fused; each on-disk expert is the right slice (gate rows first, then up)
-    model, _ = _load(tiny["qwen3_moe"])
+    model, _ = load_chat_model(tiny["qwen3_moe"])
     experts = model.language_model.model.layers[1].mlp.experts
     inter = model.config.llm_config.moe_intermediate_size
     for e in range(4):
@@ -98,60 +73,23 @@ def test_official_key_names_and_bit_identical_round_trip(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _items(tok):
-    """Three samples: two tiles, text only, one tile; prompts and image tokens unsupervised."""
-    start, end, ctx = tok.convert_tokens_to_ids([IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN])
-    gen = torch.Generator().manual_seed(0)
-    items = []
-    for n_tiles, n_prompt, n_answer in ((2, 6, 11), (0, 17, 9), (1, 4, 5)):
-        text = lambda n: torch.randint(3, 1380, (n,), generator=gen)  # noqa: E731
-        block = [torch.tensor([start] + [ctx] * 256 * n_tiles + [end])] if n_tiles else []
-        ids = torch.cat([text(n_prompt), *block, text(3), text(n_answer)])
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        labels[-n_answer:] = ids[-n_answer:]
-        items.append({
-            "input_ids": ids, "labels": labels,
-            "pixel_values": torch.randint(0, 256, (max(n_tiles, 1), 448, 448, 3), generator=gen, dtype=torch.uint8),
-            "image_flags": torch.tensor([1] * n_tiles if n_tiles else [0]),
-            "num_supervised": n_answer, "sample_id": f"synthetic:{n_prompt}",
-        })
-    return items
+# two tiles, text only, one tile (tiles, prompt, answer tokens); prompts and image tokens unsupervised
+LAYOUT = [(2, 9, 11), (0, 20, 9), (1, 7, 5)]
 
 
-def _batches(tok, reduction="square"):
-    items = _items(tok)
-    out = {"padded": DataCollator(tok.pad_token_id, loss_reduction=reduction)(items),
-           "packed": PackedCollator(tok.pad_token_id, loss_reduction=reduction)([items])}
-    for batch in out.values():
-        pop_trainer_keys(batch)
-    return out
-
-
-def _run(model, batch, **kwargs):
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, **kwargs)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(got, ref, what):
-    (out, grads), (ref_out, ref_grads) = got, ref
-    torch.testing.assert_close(out.loss, ref_out.loss, atol=1e-6, rtol=1e-5, msg=f"{what}: loss")
-    assert grads.keys() == ref_grads.keys(), what
-    for key in ref_grads:
-        torch.testing.assert_close(grads[key], ref_grads[key], atol=2e-6, rtol=1e-4,
-                                   msg=lambda m, key=key: f"{what}: grad of {key}\n{m}")
+def _batch(tok, layout, reduction="square"):
+    return synthetic_batch(tok, LAYOUT, packed=layout == "packed", loss_reduction=reduction)
 
 
 @pytest.mark.parametrize("llm", FAMILIES)
 def test_chunked_loss_equals_full_logits_loss(tiny, llm):
-    model, tok = _load(tiny[llm])
+    model, tok = load_chat_model(tiny[llm])
     model.train()
     layouts = ("padded", "packed") if llm == "qwen3_moe" else ("packed",)  # padded: the aux loss skips padding
     for layout in layouts:
-        batch = _batches(tok)[layout]
-        ref = _run(model, batch, return_logits=True)
-        got = _run(model, batch)
+        batch = _batch(tok, layout)
+        ref = forward_backward(model, batch, return_logits=True)
+        got = forward_backward(model, batch)
         assert got[0].logits is None and ref[0].logits is not None
         assert torch.isfinite(got[0].loss) and got[0].loss > 0
         assert any(k.startswith("vision_model.") for k in got[1]) and "mlp1.1.weight" in got[1]
@@ -160,29 +98,29 @@ def test_chunked_loss_equals_full_logits_loss(tiny, llm):
             torch.testing.assert_close(got[0].aux_loss, ref[0].aux_loss)
         else:
             assert not hasattr(got[0], "aux_loss")
-        _assert_same(got, ref, f"{llm} {layout}")
+        assert_same_loss_and_grads(got, ref, f"{llm} {layout}")
 
 
 def test_moe_aux_loss_and_expert_gradients(tiny):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-    model, tok = _load(tiny["qwen3_moe"])
+    model, tok = load_chat_model(tiny["qwen3_moe"])
     model.train()
     cfg = model.config.llm_config
-    batch = _batches(tok)["padded"]
-    out, grads = _run(model, batch)
+    batch = _batch(tok, "padded")
+    out, grads = forward_backward(model, batch)
     # the official formula, over the non-padding tokens of every layer's router
     expected = load_balancing_loss_func(out.router_logits, 4, 2, batch["attention_mask"])
     torch.testing.assert_close(out.aux_loss, expected)
     assert len(out.router_logits) == cfg.num_hidden_layers and out.aux_loss > 0
 
     cfg.router_aux_loss_coef = 0.5  # the coefficient is the config's field, read at every forward
-    heavy, heavy_grads = _run(model, batch)
+    heavy, heavy_grads = forward_backward(model, batch)
     torch.testing.assert_close(heavy.loss - out.loss, (0.5 - 0.001) * out.aux_loss, atol=1e-6, rtol=1e-5)
     router = "language_model.model.layers.0.mlp.gate.weight"
     assert not torch.allclose(heavy_grads[router], grads[router])  # the aux loss trains the router
     cfg.output_router_logits = False  # off: the plain LM loss, no aux
-    plain, _ = _run(model, batch)
+    plain, _ = forward_backward(model, batch)
     assert not hasattr(plain, "aux_loss")
     torch.testing.assert_close(out.loss - plain.loss, 0.001 * out.aux_loss, atol=1e-6, rtol=1e-5)
 
@@ -196,14 +134,14 @@ def test_moe_aux_loss_and_expert_gradients(tiny):
 
 def test_moe_aux_loss_under_activation_checkpointing(tiny):
     """The router logits are collected inside checkpointed layers; recomputation must neither drop nor double them."""
-    model, tok = _load(tiny["qwen3_moe"])
+    model, tok = load_chat_model(tiny["qwen3_moe"])
     model.train()
-    batch = _batches(tok)["packed"]
-    ref = _run(model, batch)
+    batch = _batch(tok, "packed")
+    ref = forward_backward(model, batch)
     model.set_llm_gradient_checkpointing(True)
-    got = _run(model, batch)
+    got = forward_backward(model, batch)
     torch.testing.assert_close(got[0].aux_loss, ref[0].aux_loss)
-    _assert_same(got, ref, "qwen3_moe checkpointed")
+    assert_same_loss_and_grads(got, ref, "qwen3_moe checkpointed")
 
 
 # ------------------------------------------------------------------------------------------------ LoRA, chat, export
@@ -211,7 +149,7 @@ def test_moe_aux_loss_under_activation_checkpointing(tiny):
 
 @pytest.mark.parametrize("llm", FAMILIES)
 def test_llm_lora(tiny, llm, tmp_path):
-    model, tok = _load(tiny[llm])
+    model, tok = load_chat_model(tiny[llm])
     model.wrap_llm_lora(r=4, lora_dropout=0.0)
     arch = model.config.llm_config.architectures[0]
     wrapped = {n.split(".layers.0.", 1)[1].rsplit(".lora_A", 1)[0]
@@ -223,13 +161,13 @@ def test_llm_lora(tiny, llm, tmp_path):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     model.train()
-    batch = _batches(tok, "sample")["packed"]
-    ref, got = _run(model, batch, return_logits=True), _run(model, batch)
+    batch = _batch(tok, "packed", "sample")
+    ref, got = forward_backward(model, batch, return_logits=True), forward_backward(model, batch)
     assert any("lora_A" in k for k in got[1])
-    _assert_same(got, ref, f"{llm} LoRA")
+    assert_same_loss_and_grads(got, ref, f"{llm} LoRA")
 
     model.save_pretrained(tmp_path)  # wrapped: peft's names, the experts still one by one
-    keys = set(_read(tmp_path))
+    keys = set(read_safetensors(tmp_path))
     if llm == "qwen3_moe":
         assert any(k.endswith("layers.0.mlp.experts.1.up_proj.weight") for k in keys)
         assert not any("gate_up_proj" in k for k in keys)
@@ -241,7 +179,7 @@ def test_llm_lora(tiny, llm, tmp_path):
 
 @pytest.mark.parametrize("llm", FAMILIES)
 def test_chat_generates(tiny, llm):
-    model, tok = _load(tiny[llm])
+    model, tok = load_chat_model(tiny[llm])
     model.eval()
     config = dict(max_new_tokens=4, do_sample=False)
     tile = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
@@ -265,6 +203,6 @@ def test_export_round_trip(tiny, llm, tmp_path):
     assert result["max_abs_diff"] <= 1e-4
     assert result["native_tokens"] == result["ours_tokens"]
     back = convert_from_hf(hf, tmp_path / "back")
-    a, b = _read(src), _read(back)
+    a, b = read_safetensors(src), read_safetensors(back)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

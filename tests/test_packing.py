@@ -1,7 +1,7 @@
 """Packing: the plan, the map-style packed dataset, and packed batches that compute what unpacked ones do.
 
-Items are built by hand from synthetic token ids (no tokenizer call): `<img>` + `<IMG_CONTEXT>` x 256 x tiles +
-`</img>` around random text ids, uint8 channels-last tiles, and text-only samples carrying one flag-0 tile.
+Items are tiny_model.synthetic_items: random text ids around `<img>` + `<IMG_CONTEXT>` x 256 x tiles + `</img>`
+(no tokenizer call), uint8 channels-last tiles, and text-only samples carrying one flag-0 tile.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from internvl_chat.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl_chat.constants import IGNORE_INDEX
 from internvl_chat.data.collator import DataCollator, pop_trainer_keys
 from internvl_chat.data.packing import (
     PackedCollator,
@@ -25,8 +25,8 @@ from internvl_chat.data.packing import (
     packing_stats,
     plan_packs,
 )
-from internvl_chat.model import InternVLChatModel, load_tokenizer
-from internvl_chat.tiny_model import make_tiny_model
+from internvl_chat.tiny_model import SYNTHETIC_TEXT_IDS, make_tiny_model, synthetic_items
+from tests.conftest import forward_backward, load_chat_model
 
 # --------------------------------------------------------------------------------------------------- planning
 
@@ -240,36 +240,14 @@ def test_packed_dataset_epoch_reaches_persistent_workers():
 
 # --------------------------------------------------------------------------------------------------- batches
 
-_TEXT_IDS = (3, 1380)  # ordinary (non-special) ids in both tiny vocabularies
-
-
-def _item(tok, n_tiles, n_prompt, n_answer, seed, first_supervised=False):
-    """A synthetic dataset item: prompt text, image blocks, more prompt, answer (supervised)."""
-    gen = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(*_TEXT_IDS, (n,), generator=gen)  # noqa: E731
-    start, end, ctx = tok.convert_tokens_to_ids([IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN])
-    parts = [text(n_prompt)]
-    if n_tiles:
-        parts.append(torch.tensor([start] + [ctx] * 256 * n_tiles + [end]))
-    parts += [text(3), text(n_answer)]
-    ids = torch.cat(parts)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[-n_answer:] = ids[-n_answer:]
-    if first_supervised:
-        labels[:] = ids  # text-only, everything supervised (also the first token)
-    pixels = torch.randint(0, 256, (max(n_tiles, 1), 448, 448, 3), generator=gen, dtype=torch.uint8)
-    flags = torch.tensor([1] * n_tiles if n_tiles else [0])
-    return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_flags": flags,
-            "num_supervised": int((labels != IGNORE_INDEX).sum()), "sample_id": f"synthetic:{seed}"}
-
 
 def _items(tok):
-    return [
-        _item(tok, 2, 6, 11, seed=1),
-        _item(tok, 0, 17, 9, seed=2),  # text-only: one flag-0 tile
-        _item(tok, 1, 4, 5, seed=3),
-        _item(tok, 0, 8, 14, seed=4, first_supervised=True),
-    ]
+    """Two tiles, text only (one flag-0 tile), one tile, and text only with every token supervised, the first too."""
+    items = synthetic_items(tok, [(2, 9, 11), (0, 20, 9), (1, 7, 5), (0, 11, 14)], seed=1)
+    last = items[-1]
+    last["labels"] = last["input_ids"].clone()
+    last["num_supervised"] = len(last["labels"])
+    return items
 
 
 def test_collator_layout():
@@ -349,11 +327,8 @@ def tiny_models(tmp_path_factory):
 
     def get(llm):
         if llm not in cache:
-            path = make_tiny_model(root / llm, llm=llm, seed=7)
-            tok = load_tokenizer(path)
-            model = InternVLChatModel.from_pretrained(path).eval()
-            model.img_context_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-            cache[llm] = (model, tok)
+            model, tok = load_chat_model(make_tiny_model(root / llm, llm=llm, seed=7))
+            cache[llm] = (model.eval(), tok)
         return cache[llm]
 
     return get
@@ -368,15 +343,12 @@ def _model_inputs(batch):
 
 def _loss_and_grads(model, batch):
     model.train()
-    model.zero_grad(set_to_none=True)
     try:
-        loss = model(**_model_inputs(batch)).loss
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        out, grads = forward_backward(model, _model_inputs(batch))
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-    return loss.detach(), grads
+    return out.loss.detach(), grads
 
 
 @pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
@@ -441,9 +413,7 @@ def test_samples_in_a_pack_do_not_see_each_other(tiny_models, llm):
     `max(position_ids)` at the longest sample's length.
     """
     model, tok = tiny_models(llm)
-    a, b, c = (_item(tok, 0, 200, 60, seed=s) for s in (11, 12, 13))
-    e = _item(tok, 0, 20, 10, seed=15)
-    d = _item(tok, 1, 5, 8, seed=14)  # 1 tile: 256 image tokens
+    a, b, c, e, d = synthetic_items(tok, [(0, 203, 60)] * 3 + [(0, 23, 10), (1, 8, 8)], seed=11)  # d: 1 tile
     packs = [[a, b, c, e], [d]]
     collate = PackedCollator(tok.pad_token_id)
     batch = collate(packs)
@@ -460,7 +430,7 @@ def test_samples_in_a_pack_do_not_see_each_other(tiny_models, llm):
             torch.testing.assert_close(logits[row, start : start + len(alone)], alone, atol=1e-5, rtol=1e-5)
 
     # change the first sample's text: the other samples' logits stay exactly where they were
-    changed = dict(a, input_ids=torch.randint(*_TEXT_IDS, a["input_ids"].shape, generator=torch.Generator()))
+    changed = dict(a, input_ids=torch.randint(*SYNTHETIC_TEXT_IDS, a["input_ids"].shape, generator=torch.Generator()))
     b_slice = slice(starts[0][1], starts[0][-1])
     with torch.no_grad():
         after = model(**_model_inputs(collate([[changed, b, c, e], [d]]))).logits

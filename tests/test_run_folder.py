@@ -256,3 +256,35 @@ def test_a_forgotten_conv_style_is_named(world, tmp_path, caplog):
             load_model_and_tokenizer(*read_flags(base + extra).build())
         named = [r for r in caplog.records if "differs from the checkpoint's template internvl2_5" in r.message]
         assert len(named) == expected, [r.message for r in caplog.records]
+
+
+def test_only_training_hashes_annotation_files_while_indexing(world, tmp_path, monkeypatch):
+    """Training indexes with `hash_files` and the fingerprint reuses that hash; checkers and evaluation (a dataset
+    indexing its own files) never hash, and the fingerprint of unhashed indexes is the same."""
+    from types import SimpleNamespace
+
+    from internvl_chat.data import records
+    from internvl_chat.data.config import DataConfig
+    from internvl_chat.data.dataset import SupervisedDataset
+    from internvl_chat.finetune import check_meta
+    from internvl_chat.model import load_tokenizer
+
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"conversations": []}]))
+    for path in (listed, Path(load_meta(str(world / "data" / "meta.json"), log_warnings=False)[0].annotation)):
+        assert index_annotation(path).sha256 is None
+        assert index_annotation(path, hash_files=True).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    meta = str(world / "data" / "meta.json")
+    entries, hashed = check_meta(meta)  # the training path
+    assert all(a.sha256 for a in hashed)
+    plain = [index_annotation(e.annotation) for e in entries]
+    assert run_folder.data_fingerprint(meta, entries, hashed) == run_folder.data_fingerprint(meta, entries, plain)
+
+    def no_hashing(*args):
+        raise AssertionError("an annotation file was hashed outside training")
+
+    monkeypatch.setattr(records, "hashlib", SimpleNamespace(sha256=no_hashing))
+    dataset = SupervisedDataset(entries, load_tokenizer(str(world / "model")), DataConfig())
+    assert all(source.annotation.sha256 is None for source in dataset.sources)
+    assert len(list(records.read_records(entries[0].annotation))) == hashed[0].num_records  # the checker's reader

@@ -60,8 +60,10 @@ def as_messages(question, history=(), system=None):
 HISTORY = (("Hello, who are you?", "I am InternVL."), ("<image>\nWhat is shown?", "A red car.\n"))
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-@pytest.mark.parametrize("template", TEMPLATE_NAMES)
+# Every template with every tokenizer that has its tokens (the harmony ones: only GPT-OSS's).
+@pytest.mark.parametrize(("flavour", "template"), [
+    (flavour, template) for template in TEMPLATE_NAMES for flavour in FLAVOURS
+    if template != "internvl3_5_gpt_oss" or flavour == "gpt_oss"])
 def test_saved_chat_template_renders_the_prompt_builder_ids(tokenizer_dirs, tmp_path, flavour, template):
     tok = served(tokenizer_dirs, tmp_path, flavour, template)
     cases = [

@@ -7,7 +7,8 @@ For -hf checkpoints from OpenGVLab's -HF releases or trained with LLaMA-Factory 
 here. An export of tools/convert_to_hf.py comes back bit-exact (same safetensors keys and tensors, the original
 config.json, an InternLM2 LLM as InternLM2). Other native checkpoints get a config.json built from their native
 fields and image-processor settings (ps_version v2, tiling from crop_to_patches / min_patches / max_patches; the
-template is the usual one of the LLM family: check `template` before training).
+template is the usual one of the LLM family: check `template` before training); a native Llama text model, such
+as InternVL3-9B's InternLM3, comes back as LlamaForCausalLM (same weights, same outputs).
 
 --check runs both models in float32 on a probe (text and a 3-tile image) and prints the max |logits diff|;
 exit status 1 above --tolerance.

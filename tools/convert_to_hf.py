@@ -7,8 +7,8 @@ Writes safetensors weights in the native layout, config.json (image token id fro
 downsample_ratio, vision_feature_layer, image size, tie_word_embeddings copied from the LLM; the official config.json
 is kept under "internvl_chat_config" so tools/convert_from_hf.py can restore it), the tokenizer, and the processor
 files (preprocessor_config.json, processor_config.json) whose settings reproduce our tiling (tile size,
-max_dynamic_patch, thumbnail). Qwen2/2.5, Qwen3, Qwen3-MoE, Llama and Phi-3 LLMs keep their class; InternLM2
-becomes Llama.
+max_dynamic_patch, thumbnail). Qwen2/2.5, Qwen3, Qwen3-MoE, GPT-OSS, Llama and Phi-3 LLMs keep their class;
+InternLM2 and InternLM3 become Llama.
 
 Then a self-check: both models in float32 on a probe (text and a 3-tile image), max |diff| of the logits printed;
 exit status 1 above --tolerance. Refused, with exit status 2 and the reason: pixel shuffle v1, InternViT qk-norm

@@ -184,9 +184,12 @@ MODELS: tuple[ModelRow, ...] = (
     ModelRow("3.5", "internvl3_5_30b_a3b", "InternVL3.5-30B-A3B (InternViT-300M + Qwen3-30B-A3B, MoE)", "qwen3_moe",
              "OpenGVLab/InternVL3_5-30B-A3B", "internvl2_5", 1, "8e-5", "0.05", "0.1", "zero_stage3_config.json",
              gpus_full=16),
-    # InternVL3.5-GPT-OSS-20B-A4B-Preview (InternViT-300M + GPT-OSS-20B, MoE) waits for its chat format, the
-    # `internvl3_5_gpt_oss` (harmony) template (issue 16 item 2): its official settings are those of the 30B-A3B row
-    # with conv_style internvl3_5_gpt_oss and MODEL OpenGVLab/InternVL3_5-GPT-OSS-20B-A4B-Preview, GPUS 8.
+    # `internvl_chat_gpt_oss/shell/internvl3_5_gpt_oss/internvl3_5_gpt_oss_20b_stage2_sft.sh`: the 30B-A3B row's
+    # settings with its own (harmony) chat format; 8 GPUs as in that script.
+    ModelRow("3.5", "internvl3_5_gpt_oss_20b_a4b",
+             "InternVL3.5-GPT-OSS-20B-A4B-Preview (InternViT-300M + GPT-OSS-20B, MoE)", "gpt_oss",
+             "OpenGVLab/InternVL3_5-GPT-OSS-20B-A4B-Preview", "internvl3_5_gpt_oss", 1, "8e-5", "0.05", "0.1",
+             "zero_stage3_config.json"),
     ModelRow("3.5", "internvl3_5_241b_a28b", "InternVL3.5-241B-A28B (InternViT-6B + Qwen3-235B-A22B, MoE)",
              "qwen3_moe", "OpenGVLab/InternVL3_5-241B-A28B", "internvl2_5", 1, "2e-5", "0.05", "0.4",
              "zero_stage3_config.json", gpus_full=64, gpus_lora=16),

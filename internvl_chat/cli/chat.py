@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bfloat16 on a GPU, float32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--system", default=None, help="override the system message")
+    p.add_argument("--thinking", action="store_true",
+                   help="InternVL3/3.5 thinking mode: the system message that asks for reasoning in <think> tags "
+                        "(the harmony analysis channel for GPT-OSS models) before the answer; not with --system")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a tokenizer that only exists as checkpoint code (InternLM2 has a built-in equivalent)")
     p.add_argument("--allow-pickle", "--allow_pickle", dest="allow_pickle", action="store_true",
@@ -92,6 +95,8 @@ def check_checkpoint(path: str) -> None:
 def load(args):
     import torch
 
+    from ..data.templates import thinking_system_message
+    from ..inference import chat_template
     from ..model import InternVLChatModel, load_tokenizer
     from ..model.tokenizer import TokenizerLoadError
     from ..model.weight_files import CorruptWeightsError, UnsafeWeightsError
@@ -107,6 +112,8 @@ def load(args):
     model = model.to(device).eval()
     if args.system is not None:
         model.system_message = args.system
+    elif args.thinking:
+        model.system_message = thinking_system_message(chat_template(model))
     return model, tokenizer
 
 
@@ -162,7 +169,10 @@ def main(argv=None) -> int:
     from ..console import install
 
     install()  # third-party warnings: internvl_chat/console.py
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.thinking and args.system is not None:
+        parser.error("--thinking sets the system message: give either --thinking or --system")
     try:
         if args.num_segments < 1:
             raise UserError(f"--num-segments must be at least 1, got {args.num_segments}")

@@ -23,7 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from ..constants import IMAGE_PLACEHOLDER
 from ..data.transforms import load_image, normalize_tiles
 from ..data.video import load_video_tiles, video_prompt_prefix
-from ..inference import chat_template, images_for_model, multi_image_prefix
+from ..inference import chat_template, images_for_model, multi_image_prefix, skips_special_tokens
 
 # Frames per video: the official video chat example (load_video(..., num_segments=8, max_num=1)).
 DEFAULT_NUM_SEGMENTS = 8
@@ -143,7 +143,9 @@ class ChatSession:
         pixel_values = torch.cat(([self.pixel_values] if self.pixel_values is not None else []) + tiles) \
             if tiles or self.pixel_values is not None else None
         num_patches = self.num_patches + patches
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        template = chat_template(self.model)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=skips_special_tokens(self.model, template), timeout=600)
         stop_flag = _StopFlag()
         result: dict = {}
 
@@ -160,13 +162,17 @@ class ChatSession:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        stop = chat_template(self.model).stop_str
         try:
             out.write(header)
             out.flush()
-            for piece in streamer:
-                out.write(piece.split(stop)[0])
-                out.flush()
+            raw, shown = "", ""
+            for piece in streamer:  # shown: the answer so far, as model.chat() will return it (header removed)
+                raw += piece
+                visible = template.reply_text(raw, partial=True)
+                if visible.startswith(shown):
+                    out.write(visible[len(shown):])
+                    out.flush()
+                    shown = visible
         except KeyboardInterrupt:
             stop_flag.event.set()
         while thread.is_alive():  # a second Ctrl-C while the answer winds down is ignored

@@ -23,6 +23,12 @@ from ..constants import IGNORE_INDEX
 
 LOSS_REDUCTIONS = ("token", "sample", "square")
 
+
+def default_loss_reduction(conv_style: str | None) -> str:
+    """``--loss_reduction auto``: ``square`` for InternVL3.5-GPT-OSS's template (its official forward weights every
+    unpacked sample by 1/sqrt of its supervised tokens, whatever the flag), ``token`` otherwise."""
+    return "square" if conv_style == "internvl3_5_gpt_oss" else "token"
+
 # Batch keys for the trainer, never passed to the model: `packed` (True for PackedCollator batches), `num_samples`
 # (samples in the batch, when rows hold several), `skipped_samples` (the bad samples the dataset replaced) and
 # `sample_ids` (one "<file>:<line>" per sample, for counting distinct bad records).

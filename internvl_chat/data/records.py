@@ -52,8 +52,8 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # characters read at a time while streaming a JSON list
 _INDEX_CHUNK = 1 << 24  # bytes scanned at a time while indexing JSON lines
-# Files up to this size are hashed while they are indexed, so the run folder's data fingerprint (which hashes them
-# whole: train/checkpoint.py SMALL_FILE) does not read them again.
+# Files up to this size are hashed while training indexes them (`hash_files`), so the run folder's data fingerprint
+# (which hashes them whole: train/checkpoint.py SMALL_FILE) does not read them again.
 HASHED_WHOLE = 32 * 2**20
 _BOM = b"\xef\xbb\xbf"
 _WS = " \t\r\n"
@@ -182,7 +182,7 @@ class Annotation:
     ends: np.ndarray  # int64 exclusive end of each record
     line_numbers: np.ndarray | None  # 1-based line of each record; None: record k is on line k + 1
     blob: bytes | None  # JSON lists: the elements re-serialised back to back
-    sha256: str | None = None  # of the whole file, when it is at most HASHED_WHOLE bytes
+    sha256: str | None = None  # of the whole file, when indexed with hash_files and at most HASHED_WHOLE bytes
 
     @property
     def num_records(self) -> int:
@@ -229,19 +229,23 @@ class Annotation:
             yield line, _record_or_error(value, self.path, line)
 
 
-def index_annotation(path: str | os.PathLike) -> Annotation:
-    """Index an annotation file (either format); a JSON list that does not parse raises :class:`DataError`."""
+def index_annotation(path: str | os.PathLike, *, hash_files: bool = False) -> Annotation:
+    """Index an annotation file (either format); a JSON list that does not parse raises :class:`DataError`.
+
+    ``hash_files``: also take the file's SHA-256 on the same read when it is at most HASHED_WHOLE bytes (training
+    does, for the run folder's data fingerprint; the checkers and evaluation have no use for it).
+    """
     path = os.fspath(path)
-    return _index_json_list(path) if is_json_list(path) else _index_jsonl(path)
+    return _index_json_list(path, hash_files) if is_json_list(path) else _index_jsonl(path, hash_files)
 
 
-def _index_jsonl(path: str) -> Annotation:
+def _index_jsonl(path: str, hash_files: bool = False) -> Annotation:
     """Byte offsets of the non-blank lines of a JSONL file (vectorised newline search)."""
     size = os.path.getsize(path)
-    digest = hashlib.sha256() if size <= HASHED_WHOLE else None
+    digest = hashlib.sha256() if hash_files and size <= HASHED_WHOLE else None
     if size == 0:
         empty = np.zeros(0, np.int64)
-        return Annotation(path, empty, empty, None, None, digest.hexdigest())
+        return Annotation(path, empty, empty, None, None, digest.hexdigest() if digest is not None else None)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     try:
         newlines = []
@@ -280,10 +284,10 @@ def _index_jsonl(path: str) -> Annotation:
     )
 
 
-def _index_json_list(path: str) -> Annotation:
+def _index_json_list(path: str, hash_files: bool = False) -> Annotation:
     """Parse a JSON list once and keep its elements as compact JSON bytes."""
     sha256 = None
-    if os.path.getsize(path) <= HASHED_WHOLE:  # read once: hashed, then parsed as the text file below
+    if hash_files and os.path.getsize(path) <= HASHED_WHOLE:  # read once: hashed, then parsed as the text below
         with open(path, "rb") as handle:
             raw = handle.read()
         sha256 = hashlib.sha256(raw).hexdigest()

@@ -14,8 +14,12 @@ Tokenization rules per template (``input_ids`` identical to the official preproc
 
 - ``Hermes-2``, ``phi3-chat``, ``internvl_zh`` and unknown custom templates: the whole prompt is tokenized at once.
 - ``internlm2-chat``: the same, after ``str.strip()`` of every message.
-- ``internvl2_5``: the system block and every message are tokenized separately and concatenated (no BPE merge crosses
-  a message boundary); a tokenizer that adds a BOS keeps exactly one, at position 0.
+- ``internvl2_5`` and ``internvl3_5_gpt_oss``: the system block and every message are tokenized separately and
+  concatenated (no BPE merge crosses a message boundary); a tokenizer that adds a BOS keeps exactly one, at position 0.
+- ``internvl3_5_gpt_oss`` (harmony): ``<|start|>system<|message|>...<|end|>``, ``<|start|>user<|message|>...<|end|>``
+  and ``<|start|>assistant<|channel|>final<|message|>...`` ended by ``<|return|>`` for the conversation's last
+  message and ``<|end|>`` before; only ``<|start|>assistant`` of an assistant message is masked (its channel header,
+  reply and end are supervised, as officially).
 - Supervised tokens are the assistant reply and its end token (``<|im_end|>``, ``<|end|>``, ``</s>``); the system
   block, user turns (image tokens included), role headers, BOS and the ``"\\n"`` after ``<|im_end|>`` in
   ``internvl2_5`` are masked with -100. ``phi3-chat`` also masks every ``<|endoftext|>`` token.
@@ -58,7 +62,13 @@ all -100 labels, in the cases below. We never return a sample without a supervis
   no-BOS tokenizer it returns shifted labels without a warning (e.g. ``<|assistant|>`` headers supervised instead of
   the replies' ends). Ours are the uncut labels cut at ``max_length``: the same ``input_ids``, correct labels.
 - As in the official code, a leading assistant turn (after an optional system turn) is dropped for every template
-  except ``internvl2_5``, which keeps and supervises it.
+  except ``internvl2_5`` and ``internvl3_5_gpt_oss``, which keep and supervise it.
+- ``internvl3_5_gpt_oss``: the official preprocessing raised on every text-only sample (``NameError``: its end token
+  was chosen with a loop variable of the image loop), and with images it ended a reply with ``<|return|>`` or
+  ``<|end|>`` depending on how many images the last user turn had. Ours always ends the last message with
+  ``<|return|>`` and earlier replies with ``<|end|>`` (the harmony rule the official chat template follows).
+  In chat, past replies are rendered with their ``<|channel|>final<|message|>`` header, as in training (official
+  chat: without it); generation stops at ``<|return|>`` and the header is removed from the answer.
 - An exception from the tokenizer itself (e.g. ``TypeError`` or a Rust panic on a lone surrogate) is raised as
   :class:`TokenizerError` (a ``ValueError``) naming the original, so one sample's text never stops a run unnamed.
 """
@@ -80,16 +90,24 @@ from internvl_chat.data.validation import ASSISTANT_ROLES, GPT, HUMAN, SYSTEM, U
 
 __all__ = [
     "TEMPLATE_NAMES",
+    "THINKING_SYSTEM_PROMPT",
     "SampleTooLongError",
     "Template",
     "TokenizerError",
     "get_template",
     "image_block",
+    "split_thinking",
+    "thinking_system_message",
     "tokenize_conversation",
 ]
 
 STYLE_MPT = "mpt"
 STYLE_INTERNVL_ZH = "internvl_zh"
+STYLE_HARMONY = "harmony"
+
+# GPT-OSS's harmony format: an assistant message opens a channel; "final" holds the answer, "analysis" the reasoning.
+HARMONY_FINAL = "<|channel|>final<|message|>"
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>"
 
 # Official default system messages (conversation.py).
 _SYSTEM_INTERNVL2 = (
@@ -97,6 +115,22 @@ _SYSTEM_INTERNVL2 = (
 )
 _SYSTEM_INTERNVL2_5 = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+# InternVL3.5-GPT-OSS (internvl_chat_gpt_oss/.../conversation.py): a harmony system message, final channel only.
+_SYSTEM_GPT_OSS = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every message."
+)
+# The thinking-mode system prompt of InternVL3/3.5 (the official SFT/MPO code's and VLMEvalKit's R1_SYSTEM_PROMPT):
+# the answer starts with its reasoning inside <think>...</think>. It ends with a newline.
+THINKING_SYSTEM_PROMPT = (
+    "You are an AI assistant that rigorously follows this response protocol:\n\n"
+    "1. First, conduct a detailed analysis of the question. Consider different angles, potential solutions, and reason "
+    "through the problem step-by-step. Enclose this entire thinking process within <think> and </think> tags.\n\n"
+    "2. After the thinking section, provide a clear, concise, and direct answer to the user's question. Separate the "
+    "answer from the think section with a newline.\n\n"
+    "Ensure that the thinking process is thorough but remains focused on the query. The final answer should be "
+    "standalone and not reference the thinking section.\n"
 )
 
 
@@ -127,7 +161,9 @@ class Template:
     text gives just the role (the generation slot). ``internvl_zh`` (InternVL-Chat-V1.1) has its own style:
     ``system + sep2``, then ``role + ": " + text`` followed by ``sep2`` after user turns and ``sep`` after assistant
     turns, and a bare ``role + ":"`` for the generation slot; there ``sep`` (``</s>``) ends an answer and ``sep2``
-    (``" "``) separates the rest.
+    (``" "``) separates the rest. ``harmony`` (InternVL3.5-GPT-OSS, the official ``MPT_TWO``) writes an assistant
+    message as ``role + reply_header + text`` ended by ``sep2`` (``<|return|>``) when it is the last message and by
+    ``sep`` (``<|end|>``) otherwise; generation stops at ``sep2``.
     """
 
     name: str
@@ -137,11 +173,32 @@ class Template:
     sep: str
     sep2: str = ""
     style: str = STYLE_MPT
+    reply_header: str = ""  # supervised text between the assistant role and its reply (harmony's final channel)
 
     @property
     def stop_str(self) -> str:
-        """The token that ends an assistant reply: the generation ``eos_token_id`` (official ``sep.strip()``)."""
-        return self.sep.strip()
+        """The token that ends an assistant reply: the generation ``eos_token_id`` (official ``sep.strip()``, or
+        ``sep2`` where the official template has a last-turn end)."""
+        return self.sep2.strip() if self.style == STYLE_HARMONY else self.sep.strip()
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        """Whether a reply is decoded without special tokens. The harmony header is made of them, so it is kept
+        there to be parsed (the official GPT-OSS chat decodes with them too)."""
+        return self.style != STYLE_HARMONY
+
+    def reply_text(self, decoded: str, partial: bool = False) -> str:
+        """The answer in a decoded generation: the text before the stop string, stripped.
+
+        Harmony replies lose their ``<|channel|>final<|message|>`` header, and reasoning written in the analysis
+        channel becomes ``<think>\\n...\\n</think>\\n\\n`` before the final answer (the thinking format of the other
+        templates). ``partial=True`` is for a reply still streaming: an incomplete header shows nothing yet and the end
+        is not stripped, so the result only grows as text arrives.
+        """
+        text = decoded.split(self.stop_str)[0] if self.stop_str else decoded
+        if self.style == STYLE_HARMONY:
+            text = _harmony_reply(text, partial)
+        return text.lstrip() if partial else text.strip()
 
     def render(self, messages: Sequence[tuple[str, str | None]], system_message: str | None = None) -> str:
         """Render ``[(role_string, text_or_None), ...]`` to the prompt text (system block included).
@@ -158,7 +215,7 @@ class Template:
         A chunk is ``(text, supervised)``: supervised chunks are an assistant reply plus its end token, the part a
         model must learn to generate after the assistant header.
         """
-        if self.style not in (STYLE_MPT, STYLE_INTERNVL_ZH):
+        if self.style not in (STYLE_MPT, STYLE_INTERNVL_ZH, STYLE_HARMONY):
             raise ValueError(f"template {self.name!r} has unknown style {self.style!r}")
         system = self.system_message if system_message is None else system_message
         system_text = self.system_template.replace("{system_message}", system)
@@ -167,9 +224,12 @@ class Template:
         # Supervise the end token but not whitespace after it (internvl2_5's "<|im_end|>\n").
         end = self.sep.rstrip()
         tail = self.sep[len(end):]
-        for role, text in messages:
+        for index, (role, text) in enumerate(messages):
             is_assistant = role == self.roles[1]
-            if zh:
+            if self.style == STYLE_HARMONY and is_assistant and text is not None:
+                last = index == len(messages) - 1
+                group = [(role, False), (self.reply_header + text + (self.sep2 if last else self.sep), True)]
+            elif zh:
                 header = role + ":"
                 if text is None:
                     group = [(header, False)]
@@ -219,6 +279,18 @@ _TEMPLATES: dict[str, Template] = {
             roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
             sep="<|im_end|>\n",
         ),
+        # InternVL3.5-GPT-OSS. Official chat renders past replies without the final-channel header that its training
+        # data has; ours always writes it, so a prompt seen in chat is one seen in training.
+        Template(
+            name="internvl3_5_gpt_oss",
+            system_template="<|start|>system<|message|>{system_message}",
+            system_message=_SYSTEM_GPT_OSS,
+            roles=("<|start|>user<|message|>", "<|start|>assistant"),
+            sep="<|end|>",
+            sep2="<|return|>",
+            style=STYLE_HARMONY,
+            reply_header=HARMONY_FINAL,
+        ),
         # Official system_template is "", which silently drops any system message; with the default empty
         # message "{system_message}" renders the same text and lets a system turn through.
         Template(
@@ -234,6 +306,51 @@ _TEMPLATES: dict[str, Template] = {
 }
 
 TEMPLATE_NAMES: tuple[str, ...] = tuple(_TEMPLATES)
+
+
+def _harmony_reply(text: str, partial: bool) -> str:
+    """A harmony generation (after ``<|start|>assistant``) as answer text; see :meth:`Template.reply_text`."""
+    final_opening = "<|start|>assistant" + HARMONY_FINAL
+    if partial and text and any(header.startswith(text) for header in (HARMONY_FINAL, HARMONY_ANALYSIS)):
+        return ""
+    if text.startswith(HARMONY_FINAL):
+        return text[len(HARMONY_FINAL):]
+    if not text.startswith(HARMONY_ANALYSIS):
+        return text
+    thought, ended, rest = text[len(HARMONY_ANALYSIS):].partition("<|end|>")
+    if not ended:
+        return "<think>\n" + thought
+    if rest.startswith(final_opening):
+        rest = rest[len(final_opening):]
+    elif partial and final_opening.startswith(rest):
+        rest = ""
+    return "<think>\n" + thought + "\n</think>\n\n" + rest
+
+
+def thinking_system_message(template: str | Template) -> str:
+    """The system message that turns on the thinking mode of InternVL3/3.5 models rendered with ``template``.
+
+    ChatML templates get the R1-style :data:`THINKING_SYSTEM_PROMPT` (the official evaluation's ``R1_SYSTEM_PROMPT``).
+    The harmony template gets its own system message with high reasoning and the analysis channel allowed, as the
+    official GPT-OSS training code writes it for thinking samples; the reasoning comes back as ``<think>`` text.
+    """
+    tpl = get_template(template) if isinstance(template, str) else template
+    if tpl.style == STYLE_HARMONY:
+        return (tpl.system_message.replace("Reasoning: low", "Reasoning: high")
+                .replace("Valid channels: final.", "Valid channels: analysis, final."))
+    return THINKING_SYSTEM_PROMPT
+
+
+def split_thinking(answer: str) -> tuple[str | None, str]:
+    """(reasoning, final answer) of a thinking-mode answer: the text inside ``<think>...</think>`` and what follows
+    the last ``</think>``. An answer without ``</think>`` is all answer (reasoning None), unless it opened a
+    ``<think>`` that never closed (cut by the token limit): then it is all reasoning and the answer is empty."""
+    head, closed, tail = answer.rpartition("</think>")
+    if not closed:
+        if answer.lstrip().startswith("<think>"):
+            return answer.lstrip().removeprefix("<think>").strip(), ""
+        return None, answer.strip()
+    return head.replace("<think>", "", 1).strip(), tail.strip()
 
 
 def get_template(name: str) -> Template:
@@ -259,6 +376,7 @@ _RULES: dict[str, _Rule] = {
     "internlm2-chat": _Rule(strip_messages=True),
     "phi3-chat": _Rule(unsupervised_tokens=("<|endoftext|>",)),
     "internvl2_5": _Rule(per_message=True, keep_leading_assistant=True, images_in_user_turns_only=True),
+    "internvl3_5_gpt_oss": _Rule(per_message=True, keep_leading_assistant=True, images_in_user_turns_only=True),
 }
 _DEFAULT_RULE = _Rule()
 

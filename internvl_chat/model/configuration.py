@@ -35,8 +35,25 @@ LLM_FAMILIES: dict[str, tuple[str, str, str]] = {
     "GptOssForCausalLM": ("transformers", "GptOssConfig", "GptOssForCausalLM"),
 }
 
+# MoE families -> the class of a layer's MoE block (router and experts). Under DeepSpeed ZeRO-3 the block is made a
+# "leaf" (deepspeed.utils.set_z3_leaf_modules: all its parameters gathered together on entry, no hooks inside), so
+# ranks that route their tokens to different experts still issue the same gathers in the same order.
+MOE_BLOCKS: dict[str, str] = {
+    "Qwen3MoeForCausalLM": "Qwen3MoeSparseMoeBlock",
+    "GptOssForCausalLM": "GptOssMLP",
+}
+
 # Families whose attention has learnt sinks: transformers' SDPA and flash-attention-2 paths drop them silently.
 _SINK_ATTENTION = ("GptOssForCausalLM",)
+
+# Families only the official InternVL3.5 code (`internvl_chat_gpt_oss`) runs. Its chat() decodes a reply with its
+# special tokens (the older code dropped them, grounding's <ref>/<box> included).
+_INTERNVL3_5_ONLY = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM")
+
+
+def chat_keeps_special_tokens(llm_config: PreTrainedConfig) -> bool:
+    """Whether the official chat() of this LLM family's InternVL code keeps special tokens in its replies."""
+    return llm_family(llm_config) in _INTERNVL3_5_ONLY
 
 
 def llm_attn_implementation(llm_config: PreTrainedConfig, requested: str) -> str:

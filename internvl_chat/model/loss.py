@@ -11,7 +11,8 @@ and runs the LM head and the cross entropy over them in chunks of at most `CHUNK
   incoming gradient, so backward only scales them) — no logits are kept for backward and none is recomputed;
 * with `liger-kernel` installed and the head on a GPU: its fused linear cross entropy, once per distinct token weight;
 * any other head (peft LoRA on the head, a 4-bit layer, a DeepSpeed ZeRO-3 partitioned weight that only exists
-  inside the module's own forward): the module itself per chunk under activation checkpointing.
+  inside the module's own forward): the module itself per chunk under activation checkpointing. A ZeRO-3 head runs
+  as many chunks on every rank (the most any rank has; empty ones past a rank's rows): each call is a collective.
 
 Both functions compute `sum(ce * w) / sum(w)` over supervised tokens with the same weights (`_token_weights`), so
 the token / sample / square reductions and the rank-averaged denominator mean the same in both.
@@ -165,16 +166,33 @@ def _liger_loss(head: nn.Linear, hidden, targets, scale) -> torch.Tensor:
     return loss
 
 
-def _module_chunk_loss(head: nn.Module, hidden, targets, scale, rows) -> torch.Tensor:
+def _module_chunk_loss(head: nn.Module, hidden, targets, scale, rows, calls: int | None = None) -> torch.Tensor:
+    """The head module per chunk of `rows` under checkpointing; `calls` chunks when given (past this rank's rows an
+    empty one: the head still runs)."""
     def chunk_loss(h, t, s):
         logits = head(h).float()
         return (F.cross_entropy(logits, t, reduction="none") * s).sum()
 
     loss = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], rows):
-        part = slice(start, start + rows)
+    for i in range(-(-hidden.shape[0] // rows) if calls is None else calls):
+        part = slice(i * rows, (i + 1) * rows)
         loss = loss + checkpoint(chunk_loss, hidden[part], targets[part], scale[part], use_reentrant=False)
     return loss
+
+
+def _zero3_partitioned(head: nn.Module) -> bool:
+    """A head with DeepSpeed ZeRO-3 partitioned weights: every call gathers them from all ranks (a collective)."""
+    return any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def _chunks_on_every_rank(chunks: int, device) -> int:
+    """The most chunks any rank has this step. Ranks that call a ZeRO-3 head unequally often (more supervised tokens
+    on one, none on another) issue unequal gathers and wait on each other forever, so every rank runs this many."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return chunks
+    count = torch.tensor([chunks], dtype=torch.long, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def supervised_lm_loss(
@@ -197,6 +215,11 @@ def supervised_lm_loss(
     keep = weight != 0
     flat = hidden_states[..., :-1, :].reshape(-1, hidden_states.shape[-1])
     hidden, targets, scale = flat[keep], next_labels.reshape(-1)[keep], weight[keep] / denom
+    if _zero3_partitioned(head):  # the same number of head calls on every rank
+        rows = rows or chunk_rows(_out_features(head))
+        calls = _chunks_on_every_rank(-(-hidden.shape[0] // rows), hidden_states.device)
+        loss = _module_chunk_loss(head, hidden, targets, scale, rows, calls)
+        return loss + hidden_states.sum().float() * 0.0 if hidden.shape[0] == 0 else loss
     if hidden.shape[0] == 0:  # nothing supervised: a zero that keeps the graph connected
         return hidden_states.sum().float() * 0.0
     if _liger_usable(head, hidden):

@@ -49,6 +49,12 @@ class ModelArguments:
     )
     backbone_lora_target_modules: str | None = field(default=None, metadata={"help": "(ours) default: attn.qkv,..."})
     use_qlora: bool = field(default=False, metadata={"help": "(ours) 4-bit NF4 LLM base weights (bitsandbytes)"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={
+        "help": "(ours) MoE LLMs (Qwen3-MoE, GPT-OSS): weight of the router's load-balancing loss added to the "
+                "training loss; default: the checkpoint's llm_config value. Saved in the trained config.json"})
+    output_router_logits: bool | None = field(default=None, metadata={
+        "help": "(ours) MoE LLMs: add the router's load-balancing loss at all (False: the LM loss only); default: "
+                "the checkpoint's llm_config value. Saved in the trained config.json"})
     vision_lr: float | None = field(default=None, metadata={"help": "(ours) learning rate of the ViT"})
     mlp_lr: float | None = field(default=None, metadata={"help": "(ours) learning rate of the projector"})
     llm_lr: float | None = field(default=None, metadata={"help": "(ours) learning rate of the LLM"})
@@ -97,8 +103,9 @@ class DataTrainingArguments:
     strict_mode: bool = field(default=True, metadata={"help": "accepted for compatibility; has no effect"})
     replacement: bool = field(default=False, metadata={"help": "accepted for compatibility; has no effect"})
     allow_overflow: bool = field(default=False, metadata={"help": "accepted for compatibility; has no effect"})
-    loss_reduction: str = field(default="token", metadata={
-        "help": "loss weight per supervised token: token (all equal) | sample (1/n per sample) | square (1/sqrt n)"})
+    loss_reduction: str = field(default="auto", metadata={
+        "help": "loss weight per supervised token: token (all equal) | sample (1/n per sample) | square (1/sqrt n) | "
+                "auto (square for --conv_style internvl3_5_gpt_oss, as officially; token otherwise)"})
     loss_reduction_all_gather: bool = field(default=False, metadata={
         "help": "average the loss denominator over ranks, so every rank's gradient has the same scale"})
     bad_data: str = field(default="skip", metadata={"help": "(ours) skip (count and report) | fail"})
@@ -145,6 +152,15 @@ class DataTrainingArguments:
         metadata={"help": "(ours) generation metrics on the first N samples of each eval set (0 = eval loss only)"},
     )
     eval_max_new_tokens: int = field(default=64, metadata={"help": "(ours) answer length cap of the generation eval"})
+
+    def __post_init__(self) -> None:
+        from ..data.collator import LOSS_REDUCTIONS, default_loss_reduction
+
+        if self.loss_reduction == "auto":
+            self.loss_reduction = default_loss_reduction(self.conv_style)
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"--loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)} or auto, "
+                             f"got {self.loss_reduction!r}")
 
 
 @dataclass

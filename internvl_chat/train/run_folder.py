@@ -46,7 +46,7 @@ FINAL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json
 # The flags that decide what is trained, by what they are about (official names; ours included).
 TRAINED_BY: dict[str, tuple[str, ...]] = {
     "model": ("mlp_path", "vision_select_layer", "drop_path_rate", "ps_version", "down_sample_ratio",
-              "force_image_size"),
+              "force_image_size", "router_aux_loss_coef", "output_router_logits"),
     "trainability": ("freeze_llm", "freeze_backbone", "freeze_mlp", "unfreeze_vit_layers", "use_backbone_lora",
                      "use_llm_lora", "unfreeze_lm_head", "use_qlora", "lora_alpha", "lora_dropout",
                      "llm_lora_target_modules", "backbone_lora_target_modules"),
@@ -108,7 +108,8 @@ def model_settings(values: Mapping[str, Any]) -> dict:
 
 def data_fingerprint(meta_path: str, entries: Sequence, annotations: Sequence) -> dict[str, dict]:
     """The meta file by content, and each dataset's annotation file by size, record count and checksum (of the whole
-    file up to checkpoint.SMALL_FILE, taken while it was indexed; of its edges above)."""
+    file up to checkpoint.SMALL_FILE, taken while training indexed it with `hash_files`, else read here; of its edges
+    above)."""
     with open(meta_path, "rb") as handle:
         meta = _digest(json.dumps(json.load(handle), sort_keys=True).encode())
     out = {"meta": {"show": f"{os.path.abspath(meta_path)} (id {meta})", "id": meta}}
