@@ -448,11 +448,8 @@ _NATIVE_ONLY_TEXT_KEYS = ("id2label", "label2id", "problem_type", "return_dict",
 
 def _template_for(arch: str) -> str:
     """The official template of a family, for a native checkpoint that does not carry its source config."""
-    from .data.templates import TEMPLATE_NAMES
-
-    if arch == "GptOssForCausalLM" and "internvl3_5_gpt_oss" in TEMPLATE_NAMES:  # harmony, once registered
-        return "internvl3_5_gpt_oss"
-    return {"Phi3ForCausalLM": "phi3-chat", "InternLM2ForCausalLM": "internlm2-chat"}.get(arch, "internvl2_5")
+    return {"Phi3ForCausalLM": "phi3-chat", "InternLM2ForCausalLM": "internlm2-chat",
+            "GptOssForCausalLM": "internvl3_5_gpt_oss"}.get(arch, "internvl2_5")
 
 
 def hf_to_official_config(hf: dict[str, Any], processor: dict[str, Any]) -> dict[str, Any]:
